@@ -1,0 +1,125 @@
+"""Export a model into a model directory that proves itself before it is published.
+
+Stages are built in a hidden temporary directory beside the target, the stage chain is run in ORT against
+torch's outputs, and only then is the directory renamed into place: a failed or interrupted export leaves
+nothing that looks like a model.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import hermes_ort
+from hermes_ort import manifest as manifest_io
+from hermes_ort.errors import HermesError
+from hermes_ort.manifest import Manifest, StageSpec
+from hermes_ort.stage_files import write_stage
+from hermes_ort.weights import WeightWriter, source_reader
+
+from .families import load_source
+from .family import Family, StagePlan
+from .onnx_stage import as_torch, export_stage, run_torch
+from .simplify import maybe_simplify
+
+TOLERANCE = 1e-4
+
+
+class ExportError(HermesError):
+    """The exported stages do not reproduce the torch model."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    manifest: Manifest
+    directory: Path
+    seconds: float
+    max_diff: float
+
+
+def export_model(source: str, out: str | os.PathLike, seed: int = 0, simplify: bool = False,
+                 progress: bool = True) -> ExportResult:
+    start = time.perf_counter()
+    family, model, folder = load_source(source, seed)
+    rng = np.random.default_rng(seed)
+    cases = family.cases(model, rng)  # torch references first: exporting may change later eager outputs
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        stages = build_stages(family, model, family.trace_feed(model, rng), tmp, simplify, progress)
+        manifest = describe(family, model, stages, source, seed, folder, tmp)
+        manifest_io.save(manifest, tmp)
+        diff = verify(tmp, cases)
+        manifest = Manifest(**{**manifest.__dict__, "extra": {**manifest.extra, "max_abs_diff": diff}})
+        manifest_io.save(manifest, tmp)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(manifest, out, time.perf_counter() - start, diff)
+
+
+def build_stages(family: Family, model, feed, directory: Path, simplify: bool, progress: bool) -> list[StageSpec]:
+    tensors = as_torch(feed)
+    writer, specs = WeightWriter(directory), []
+    for plan in tqdm(family.stages(model), desc="export", unit="stage", disable=not progress):
+        graph = maybe_simplify(export_stage(plan, tensors), plan.name) if simplify else export_stage(plan, tensors)
+        specs.append(write_stage(graph, directory, plan.name, plan.kind, writer, source_reader(directory)))
+        tensors.update(run_torch(plan, tensors))
+    return specs
+
+
+def describe(family: Family, model, stages: list[StageSpec], source: str, seed: int, folder: Path | None,
+             directory: Path) -> Manifest:
+    produced = {t.name for s in stages for t in s.outputs}
+    consumed = {t.name for s in stages for t in s.inputs}
+    inputs = {t.name: t for s in stages for t in s.inputs if t.name not in produced}
+    outputs = [t for s in stages for t in s.outputs if t.name not in consumed or t.name in family.keep_outputs]
+    tokenizer = copy_extras(family, folder, directory)
+    return Manifest(family=family.name, config=model.config.to_diff_dict(), inputs=tuple(inputs.values()),
+                    outputs=tuple(outputs), stages=tuple(stages), tokenizer=tokenizer,
+                    extra={"source": str(source), "seed": seed if folder is None else None})
+
+
+def copy_extras(family: Family, folder: Path | None, directory: Path) -> str | None:
+    copied = [name for name in family.extra_files if folder is not None and (folder / name).is_file()]
+    for name in copied:
+        shutil.copyfile(folder / name, directory / name)
+    return copied[0] if copied else None
+
+
+def verify(directory: Path, cases) -> float:
+    """Max abs difference between ORT's stage chain and torch over every case; raises above TOLERANCE."""
+    session = hermes_ort.InferenceSession(directory)
+    run = lambda feed: dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    worst = 0.0
+    for case in cases:
+        got = case.run(run)
+        for name, want in case.expected.items():
+            diff = float(np.max(np.abs(got[name] - want)))
+            if not diff <= TOLERANCE:
+                raise ExportError(f"export check '{case.name}': output '{name}' differs from torch by {diff:.3g} "
+                                  f"(tolerance {TOLERANCE})")
+            worst = max(worst, diff)
+    return worst
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the verified directory into place, replacing an earlier export but never other data."""
+    if out.exists() and any(out.iterdir()) and not (out / manifest_io.MANIFEST_NAME).is_file():
+        raise HermesError(f"{out} exists and is not a model directory: refusing to replace it")
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)

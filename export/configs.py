@@ -1,0 +1,33 @@
+"""Model sizes: one name -> (family, config settings) table. Public architecture numbers, random weights."""
+from __future__ import annotations
+
+from hermes_ort.errors import HermesError
+
+TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+
+NAMED: dict[str, tuple[str, dict]] = {
+    "gpt2": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12)),  # 124M params
+    "gpt2-medium": ("gpt2", dict(n_layer=24, n_embd=1024, n_head=16)),  # 355M
+    "gpt2-large": ("gpt2", dict(n_layer=36, n_embd=1280, n_head=20)),  # 774M
+    "gpt2-xl": ("gpt2", dict(n_layer=48, n_embd=1600, n_head=25)),  # 1.56B
+    "bert-base": ("bert", dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                               intermediate_size=3072)),  # 110M
+    "bert-large": ("bert", dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
+                                intermediate_size=4096)),  # 335M
+    "vit-base": ("vit", dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                             intermediate_size=3072, num_labels=1000)),  # 86M, ImageNet classifier head
+    "vit-large": ("vit", dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
+                              intermediate_size=4096, num_labels=1000)),  # 304M
+    "tiny-gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128,
+                                bos_token_id=0, eos_token_id=0)),  # 0.2M
+    "tiny-bert": ("bert", dict(TINY, vocab_size=1000, max_position_embeddings=128)),  # 0.1M
+    "tiny-vit": ("vit", dict(TINY, image_size=32, patch_size=8, num_labels=10)),  # 0.07M
+}
+
+
+def named(name: str) -> tuple[str, dict]:
+    """(family, settings) for a table name; an unknown name lists the known ones."""
+    if name not in NAMED:
+        raise HermesError(f"unknown model '{name}': known names are {', '.join(NAMED)}, or give a local "
+                          "transformers model folder")
+    return NAMED[name]

@@ -1,0 +1,41 @@
+"""Checking a caller's feed against the manifest before anything is loaded."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .errors import InputError
+from .manifest import Manifest, TensorSpec
+
+
+def check_feed(manifest: Manifest, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Returns the feed as numpy arrays; raises InputError naming the input, what was expected and what came."""
+    known = {t.name: t for t in manifest.inputs}
+    unknown = sorted(set(feed) - set(known))
+    if unknown:
+        raise InputError(f"unknown inputs {unknown}; the model takes {sorted(known)}")
+    missing = sorted(set(known) - set(feed))
+    if missing:
+        raise InputError(f"missing inputs {missing}; the model takes {sorted(known)}")
+    axes: dict[str, tuple[int, str]] = {}
+    arrays = {name: np.asarray(value) for name, value in feed.items()}
+    for name, spec in known.items():
+        check_tensor(spec, arrays[name], axes)
+    return arrays
+
+
+def check_tensor(spec: TensorSpec, array: np.ndarray, axes: dict[str, tuple[int, str]]) -> None:
+    """One input: dtype, rank, fixed sizes, and symbolic axes consistent with the other inputs."""
+    got = f"{array.dtype} [{', '.join(map(str, array.shape))}]"
+    if array.dtype != np.dtype(spec.dtype) or array.ndim != len(spec.shape):
+        raise InputError(f"input '{spec.name}' expects {spec.describe()}, got {got}")
+    for dim, size in zip(spec.shape, array.shape):
+        if isinstance(dim, int) and dim != size:
+            raise InputError(f"input '{spec.name}' expects {spec.describe()}, got {got}")
+        if isinstance(dim, str):
+            seen = axes.setdefault(dim, (size, spec.name))
+            if seen[0] != size:
+                raise InputError(
+                    f"input '{spec.name}' has {dim}={size} but input '{seen[1]}' has {dim}={seen[0]} ({got})"
+                )

@@ -1,0 +1,56 @@
+"""Memory as the OS sees it: resident set, lifetime peak, what the device has free, and byte sizes."""
+from __future__ import annotations
+
+import ctypes
+import re
+import resource
+import sys
+
+import psutil
+
+from .errors import HermesError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "tb": 10**12}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'400MiB' -> 419430400; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise HermesError(f"cannot read {text!r} as a size: use a number with B, KiB, MiB, GiB, KB, MB or GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def rss() -> int:
+    """Resident set of this process now, in bytes."""
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """Lifetime peak resident set of this process (ru_maxrss), in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def available() -> int:
+    """Memory the device can give this process without swapping, in bytes."""
+    return psutil.virtual_memory().available
+
+
+def give_back() -> None:
+    """Return freed heap pages to the OS: glibc keeps them after a session is destroyed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): nothing to trim
