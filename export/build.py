@@ -6,6 +6,7 @@ nothing that looks like a model.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -19,6 +20,7 @@ import hermes_ort
 from hermes_ort import manifest as manifest_io
 from hermes_ort.errors import HermesError
 from hermes_ort.manifest import Manifest, StageSpec
+from hermes_ort.publish import building
 from hermes_ort.stage_files import write_stage
 from hermes_ort.weights import WeightWriter, source_reader
 
@@ -48,23 +50,14 @@ def export_model(source: str, out: str | os.PathLike, seed: int = 0, simplify: b
     family, model, folder = load_source(source, seed)
     rng = np.random.default_rng(seed)
     cases = family.cases(model, rng)  # torch references first: exporting may change later eager outputs
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with building(out) as tmp:
         stages = build_stages(family, model, family.trace_feed(model, rng), tmp, simplify, progress)
         manifest = describe(family, model, stages, source, seed, folder, tmp)
         manifest_io.save(manifest, tmp)
         diff = verify(tmp, cases)
-        manifest = Manifest(**{**manifest.__dict__, "extra": {**manifest.extra, "max_abs_diff": diff}})
+        manifest = dataclasses.replace(manifest, extra={**manifest.extra, "max_abs_diff": diff})
         manifest_io.save(manifest, tmp)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportResult(manifest, out, time.perf_counter() - start, diff)
+    return ExportResult(manifest, Path(out), time.perf_counter() - start, diff)
 
 
 def build_stages(family: Family, model, feed, directory: Path, simplify: bool, progress: bool) -> list[StageSpec]:
@@ -110,16 +103,3 @@ def verify(directory: Path, cases) -> float:
                                   f"(tolerance {TOLERANCE})")
             worst = max(worst, diff)
     return worst
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the verified directory into place, replacing an earlier export but never other data."""
-    if out.exists() and any(out.iterdir()) and not (out / manifest_io.MANIFEST_NAME).is_file():
-        raise HermesError(f"{out} exists and is not a model directory: refusing to replace it")
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)

@@ -1,0 +1,40 @@
+"""Tiny seeded models, exported once per test session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `export` is a repo-root package, run as `python -m export`
+
+TINY = ("tiny-gpt2", "tiny-bert", "tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def exported(models_dir):
+    """name -> ExportResult of a tiny model, exported on first use."""
+    from export.build import export_model
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = export_model(name, models_dir / name, seed=0, progress=False)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def torch_model():
+    """name -> the seeded torch model the export of that name was built from."""
+    from export.families import load_source
+
+    return lambda name: load_source(name, 0)[1]

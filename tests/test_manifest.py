@@ -1,0 +1,112 @@
+"""manifest.json: round trip, and clear errors for corrupt or incomplete model directories."""
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import hermes_ort
+from hermes_ort import manifest as manifest_io
+from hermes_ort.errors import InputError, ManifestError, StageError
+
+
+@pytest.fixture
+def model_dir(exported, tmp_path):
+    """A private copy of tiny-bert that a test may damage."""
+    target = tmp_path / "tiny-bert"
+    shutil.copytree(exported("tiny-bert").directory, target)
+    return target
+
+
+def feed(batch=1, seq=5):
+    return {"input_ids": np.zeros((batch, seq), np.int64), "token_type_ids": np.zeros((batch, seq), np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64)}
+
+
+def test_manifest_round_trips(model_dir):
+    manifest = manifest_io.load(model_dir, deep=True)
+    manifest_io.save(manifest, model_dir)
+    assert manifest_io.load(model_dir) == manifest
+    assert manifest.feeds("attention_mask") == ("block_00", "block_01")
+    assert manifest.bytes == sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in {".onnx", ".data"})
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="manifest.json is missing"):
+        hermes_ort.InferenceSession(tmp_path)
+
+
+def test_corrupt_manifest_json(model_dir):
+    (model_dir / "manifest.json").write_text('{"format": "hermes-ort/model", "vers')
+    with pytest.raises(ManifestError, match="manifest.json is corrupt"):
+        hermes_ort.InferenceSession(model_dir)
+
+
+def test_newer_manifest_version(model_dir):
+    data = json.loads((model_dir / "manifest.json").read_text())
+    (model_dir / "manifest.json").write_text(json.dumps({**data, "version": 99}))
+    with pytest.raises(ManifestError, match="version 99 is not supported"):
+        hermes_ort.InferenceSession(model_dir)
+
+
+def test_missing_stage_file(model_dir):
+    (model_dir / "block_01.data").unlink()
+    with pytest.raises(ManifestError, match="stage 'block_01' .*block_01.data is missing"):
+        hermes_ort.InferenceSession(model_dir)
+
+
+def test_truncated_stage_file(model_dir):
+    data = (model_dir / "block_00.data").read_bytes()
+    (model_dir / "block_00.data").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ManifestError, match="stage 'block_00' .*block_00.data has .* bytes, manifest says"):
+        hermes_ort.InferenceSession(model_dir)
+
+
+def test_corrupt_bytes_found_by_deep_check_and_by_ort(model_dir):
+    path = model_dir / "block_00.onnx"
+    path.write_bytes(b"\xff" * path.stat().st_size)  # same size, garbage content
+    with pytest.raises(ManifestError, match="does not match its sha256"):
+        manifest_io.load(model_dir, deep=True)
+    with pytest.raises(StageError, match="stage 'block_00' \\(block_00.onnx\\): cannot load"):
+        hermes_ort.InferenceSession(model_dir).run(None, feed())
+
+
+def test_stage_input_nobody_produces(model_dir):
+    manifest = manifest_io.load(model_dir)
+    block = manifest.stages[1]
+    broken = dataclasses.replace(block, inputs=(dataclasses.replace(block.inputs[0], name="ghost"),))
+    with pytest.raises(ManifestError, match="stage 'block_00'.*\\['ghost'\\]"):
+        manifest_io.save(dataclasses.replace(manifest, stages=(manifest.stages[0], broken, *manifest.stages[2:])),
+                         model_dir)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.pop("token_type_ids"), "missing inputs \\['token_type_ids'\\]"),
+    (lambda f: f.update(pixels=np.zeros(1)), "unknown inputs \\['pixels'\\]"),
+    (lambda f: f.update(input_ids=f["input_ids"].astype(np.int32)),
+     "input 'input_ids' expects int64 \\[batch, sequence\\], got int32 \\[1, 5\\]"),
+    (lambda f: f.update(attention_mask=np.ones((1, 1, 5), np.int64)),
+     "input 'attention_mask' expects int64 \\[batch, sequence\\], got int64 \\[1, 1, 5\\]"),
+    (lambda f: f.update(attention_mask=np.ones((1, 7), np.int64)), "sequence=7 but input '.*' has sequence=5"),
+])
+def test_bad_inputs_are_named_before_anything_loads(model_dir, change, message):
+    session = hermes_ort.InferenceSession(model_dir)
+    (model_dir / "embeddings.onnx").unlink()  # a load would fail: the input check must come first
+    bad = feed()
+    change(bad)
+    with pytest.raises(InputError, match=message):
+        session.run(None, bad)
+
+
+def test_front_door_mirrors_onnxruntime(model_dir):
+    session = hermes_ort.InferenceSession(model_dir)
+    assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [
+        ("input_ids", "tensor(int64)", ["batch", "sequence"]), ("token_type_ids", "tensor(int64)",
+                                                                 ["batch", "sequence"]),
+        ("attention_mask", "tensor(int64)", ["batch", "sequence"])]
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "pooler_output"]
+    (pooled,) = session.run(["pooler_output"], feed(batch=2))
+    assert pooled.shape == (2, 64) and pooled.dtype == np.float32
+    with pytest.raises(InputError, match="unknown outputs \\['logits'\\]"):
+        session.run(["logits"], feed())
