@@ -1,7 +1,8 @@
 """Running stages in order on a shared tensor table, dropping each tensor after its last consumer."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import contextlib
+from typing import Callable, ContextManager, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -13,12 +14,16 @@ SessionFor = Callable[[int], ort.InferenceSession]  # stage index -> a ready ses
 
 
 def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], session_for: SessionFor,
-              after_run: Callable[[int], None] = lambda i: None) -> dict[str, np.ndarray]:
+              after_run: Callable[[int], None] = lambda i: None,
+              span: Callable[[int], ContextManager] = lambda i: contextlib.nullcontext()) -> dict[str, np.ndarray]:
     """Runs every stage once; returns the model outputs. Each tensor is kept once, however many stages read it."""
     tensors = dict(feed)
     last_use = manifest.last_use()
     for i, stage in enumerate(manifest.stages):
-        tensors.update(run_stage(stage, session_for(i), tensors))
+        session = session_for(i)
+        with span(i):
+            tensors.update(run_stage(stage, session, tensors))
+        del session
         after_run(i)
         for name in [n for n in tensors if last_use.get(n, -1) <= i]:
             del tensors[name]

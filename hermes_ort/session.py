@@ -9,14 +9,20 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import manifest as manifest_io
-from .chain import run_chain
+from . import profiles
 from .errors import InputError
+from .estimate import estimate_profile
 from .inputs import check_feed
 from .manifest import TensorSpec
-from .sessions import SessionConfig, open_stage
+from .memory import available, parse_bytes
+from .pipeline import Pipeline, Resident
+from .planner import Plan, plan
+from .profiles import Profile
+from .trace import Tracer
 
 _ORT_TYPES = {"float32": "float", "float64": "double", "float16": "float16", "int64": "int64",
               "int32": "int32", "int8": "int8", "uint8": "uint8", "bool": "bool"}
+HEADROOM = 0.8  # with no budget given, plan for this share of the memory the device has available
 
 
 @dataclass(frozen=True)
@@ -32,13 +38,26 @@ class NodeArg:
         return cls(spec.name, f"tensor({_ORT_TYPES.get(spec.dtype, spec.dtype)})", list(spec.shape))
 
 
-class InferenceSession:
-    """Runs a model directory stage by stage; inputs are checked against the manifest before any load."""
+def model_profile(directory: Path, manifest: manifest_io.Manifest) -> Profile:
+    """profile.json when `hermes profile` has measured the model, else an estimate from file sizes."""
+    if (directory / profiles.PROFILE_NAME).is_file():
+        return profiles.load(directory)
+    return estimate_profile(manifest)
 
-    def __init__(self, model_dir: str | os.PathLike, config: SessionConfig = SessionConfig()):
+
+class InferenceSession:
+    """Streams a model directory through ORT within `memory_budget` (bytes or "400MiB"; None: a share of
+    the memory available now). Inputs are checked against the manifest before anything is loaded.
+    Stages the plan keeps resident stay loaded until `close()`."""
+
+    def __init__(self, model_dir: str | os.PathLike, memory_budget: int | str | None = None,
+                 plan_override: Plan | None = None, tracer: Tracer | None = None):
         self.directory = Path(model_dir)
         self.manifest = manifest_io.load(self.directory)
-        self.config = config
+        budget = parse_bytes(memory_budget) if memory_budget is not None else int(available() * HEADROOM)
+        self.plan = plan_override or plan(model_profile(self.directory, self.manifest), budget)
+        self.tracer = tracer
+        self._resident = Resident()
 
     def get_inputs(self) -> list[NodeArg]:
         return [NodeArg.of(t) for t in self.manifest.inputs]
@@ -50,9 +69,19 @@ class InferenceSession:
             run_options=None) -> list[np.ndarray]:
         names = self._output_names(output_names)
         feed = check_feed(self.manifest, input_feed)
-        outputs = run_chain(self.manifest, feed, lambda i: open_stage(
-            self.directory, self.manifest.stages[i], self.config))
+        with Pipeline(self.directory, self.manifest, self.plan, self._resident, self.tracer) as pipeline:
+            outputs = pipeline.run(feed)
         return [outputs[n] for n in names]
+
+    def close(self) -> None:
+        """Drops the resident sessions."""
+        self._resident.close()
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _output_names(self, output_names: Sequence[str] | None) -> list[str]:
         known = [t.name for t in self.manifest.outputs]

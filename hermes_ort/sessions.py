@@ -43,12 +43,11 @@ def session_options(config: SessionConfig) -> ort.SessionOptions:
     return opts
 
 
-def open_stage(directory: Path, stage: StageSpec, config: SessionConfig,
-               opts: ort.SessionOptions | None = None) -> ort.InferenceSession:
+def open_stage(directory: Path, stage: StageSpec, config: SessionConfig) -> ort.InferenceSession:
     """Creates the stage's session; ORT's failure becomes a StageError naming the stage and file."""
     path = Path(directory) / stage.graph.path
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts or session_options(config),
+        session = ort.InferenceSession(str(path), sess_options=session_options(config),
                                        providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises several pybind types (Fail, InvalidProtobuf, NoSuchFile)
         raise StageError(f"{stage.describe()}: cannot load {path}: {e}") from e

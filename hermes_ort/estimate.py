@@ -1,0 +1,28 @@
+"""A profile estimated from file sizes, for a model directory that `hermes profile` has not measured yet.
+
+Deliberately pessimistic on memory (weights plus ORT's arena, prepacking doubling them) and rough on
+time; `hermes profile DIR` replaces it with measurements.
+"""
+from __future__ import annotations
+
+import os
+
+from .manifest import Manifest
+from .memory import rss
+from .profiles import Profile, StageCost, StageProfile
+
+ARENA_BYTES = 32 << 20  # ORT's CPU arena and activations per session at sequence 128 (hermes profile)
+LOAD_BYTES_PER_S = 1e9
+RUN_BYTES_PER_S = 2e9
+
+
+def estimate_profile(manifest: Manifest) -> Profile:
+    def stage(s) -> StageProfile:
+        load, run = s.bytes / LOAD_BYTES_PER_S, s.bytes / RUN_BYTES_PER_S
+        plain = StageCost(load, load, run, int(s.bytes * 1.1) + ARENA_BYTES)
+        packed = StageCost(3 * load, 3 * load, 0.85 * run, int(s.bytes * 2.1) + ARENA_BYTES)
+        return StageProfile(s.name, s.bytes, plain, packed)
+
+    cores = os.cpu_count() or 1
+    return Profile(base_bytes=rss(), transient_bytes=64 << 20, cores=cores, compute_threads=cores,
+                   disk_bytes_per_s=LOAD_BYTES_PER_S, feed={}, stages=tuple(stage(s) for s in manifest.stages))

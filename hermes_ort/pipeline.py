@@ -1,0 +1,164 @@
+"""PipeLoad: loading agents prepare the next stages while the inference agent runs the current one, and a
+daemon destroys each streamed session as soon as its stage has run.
+
+One Pipeline serves one pass over the stages and is a context manager: its exit joins every thread and
+drops every session it made, on success, on error and on KeyboardInterrupt. Stages the plan keeps
+resident are handed to a `Resident` store that outlives the pass, so the next pass skips them.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from . import loading
+from .chain import run_chain
+from .errors import HermesError, StageError
+from .manifest import Manifest, StageSpec
+from .memory import give_back
+from .planner import Plan
+from .sessions import SessionConfig
+from .trace import NullTracer, Tracer
+
+POLL_S = 0.05  # waits wake this often so KeyboardInterrupt reaches the inference agent
+
+
+class State(Enum):
+    WAITING = "waiting"
+    LOADING = "loading"
+    READY = "ready"
+    RAN = "ran"
+
+
+@dataclass
+class Resident:
+    """Sessions kept across passes, by stage index. `close()` drops them all."""
+
+    sessions: dict[int, ort.InferenceSession] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.sessions.clear()
+        give_back()
+
+
+def stage_config(plan: Plan, stage: StageSpec) -> SessionConfig:
+    """Streamed stages run beside loaders: no spinning threads to steal their cores."""
+    return SessionConfig(intra_op_threads=plan.compute_threads, prepacking=stage.name in plan.prepacked,
+                         spinning=False)
+
+
+class Pipeline:
+    def __init__(self, directory: Path, manifest: Manifest, plan: Plan, resident: Resident,
+                 tracer: Tracer | None = None):
+        self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
+        self.tracer = tracer or NullTracer()
+        self.order = [i for i in range(len(manifest.stages)) if i not in resident.sessions]  # to load, in order
+        self.state = {i: State.WAITING for i in self.order}
+        self.ready: dict[int, ort.InferenceSession] = {}
+        self.claimed = 0  # positions of self.order handed to loaders
+        self.in_window = 0  # streamed sessions loading, ready or not yet destroyed
+        self.error: BaseException | None = None
+        self.stopping = False
+        self.cond = threading.Condition()
+        self.trash: queue.Queue = queue.Queue()
+        self.loaders = [threading.Thread(target=self._loader, name=f"loader-{k}", daemon=True)
+                        for k in range(plan.loaders)]
+        self.daemon = threading.Thread(target=self._daemon, name="daemon", daemon=True)
+
+    def __enter__(self) -> "Pipeline":
+        for t in (*self.loaders, self.daemon):
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        for t in self.loaders:
+            t.join()
+        for i, session in list(self.ready.items()):  # prepared but never run (error or interrupt)
+            self._discard(i, session)
+        self.ready.clear()
+        self.trash.put(None)
+        self.daemon.join()
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inference agent: runs every stage in order on the caller's thread."""
+        return run_chain(self.manifest, feed, self._session_for, self._after_run, self._traced)
+
+    def _traced(self, i: int):
+        return self.tracer.span(f"run {self.manifest.stages[i].name}", "run", thread="inference")
+
+    def _session_for(self, i: int) -> ort.InferenceSession:
+        if i in self.resident.sessions:
+            return self.resident.sessions[i]
+        with self.cond:
+            while i not in self.ready:
+                if self.error is not None:
+                    raise self.error
+                self.cond.wait(POLL_S)
+            return self.ready[i]
+
+    def _after_run(self, i: int) -> None:
+        if i in self.resident.sessions:
+            return
+        with self.cond:
+            session = self.ready.pop(i)
+            self.state[i] = State.RAN
+        if self.plan.streams(self.manifest.stages[i].name):
+            self._discard(i, session)
+        else:
+            self.resident.sessions[i] = session
+            with self.cond:  # resident stages hold no window slot once they have run
+                self.in_window -= 1
+                self.cond.notify_all()
+
+    def _discard(self, i: int, session: ort.InferenceSession) -> None:
+        self.trash.put((i, session))
+
+    def _claim(self) -> int | None:
+        """Next stage to load, in order, once the window has room; None when there is nothing left."""
+        with self.cond:
+            while not self.stopping and self.error is None and self.claimed < len(self.order) and (
+                    self.in_window >= self.plan.window):
+                self.cond.wait(POLL_S)
+            if self.stopping or self.error is not None or self.claimed >= len(self.order):
+                return None
+            i = self.order[self.claimed]
+            self.claimed += 1
+            self.in_window += 1
+            self.state[i] = State.LOADING
+            return i
+
+    def _loader(self) -> None:
+        while (i := self._claim()) is not None:
+            stage = self.manifest.stages[i]
+            try:
+                with self.tracer.span(f"load {stage.name}", "load"):
+                    session = loading.prepare(self.directory, stage, stage_config(self.plan, stage))
+            except BaseException as e:  # reaches the caller through _session_for, named by stage
+                with self.cond:
+                    self.error = e if isinstance(e, HermesError) else StageError(
+                        f"{stage.describe()}: loading failed: {type(e).__name__}: {e}")
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.ready[i] = session
+                self.state[i] = State.READY
+                self.cond.notify_all()
+
+    def _daemon(self) -> None:
+        while (item := self.trash.get()) is not None:
+            i, session = item
+            with self.tracer.span(f"destroy {self.manifest.stages[i].name}", "destroy"):
+                del session, item
+                give_back()
+            with self.cond:
+                self.in_window -= 1
+                self.cond.notify_all()

@@ -1,0 +1,128 @@
+"""plan(profile, budget) -> Plan: how many loading agents, how wide a window, which stages stay resident,
+prepacking per stage. Pure: it touches no ORT and no disk, so it is tested with table rows.
+
+Memory model: peak RSS = base + tensors in flight + resident stages + the `window` largest streamed
+stages (the running one included). Latency model: an event simulation of loaders and the inference
+agent from the profiled load and run times; it ignores CPU contention between them, so it is a lower bound.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import BudgetError
+from .memory import format_bytes
+from .profiles import Profile, StageCost, StageProfile
+
+MAX_WINDOW = 8  # wider windows buy nothing once loading hides behind compute
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int
+    loaders: int
+    window: int  # streamed stages loaded at once, the running one included
+    resident: tuple[str, ...]  # stages kept loaded across runs
+    prepacked: tuple[str, ...]  # stages created with ORT prepacking on
+    compute_threads: int
+    predicted_first_s: float  # first run: every stage loaded once
+    predicted_steady_s: float  # later runs: resident stages are already loaded
+    predicted_peak_bytes: int
+
+    def streams(self, name: str) -> bool:
+        return name not in self.resident
+
+
+def cost(stage: StageProfile, prepacked: bool) -> StageCost:
+    return stage.prepacked if prepacked else stage.plain
+
+
+def minimum_budget(profile: Profile) -> int:
+    """The smallest budget any plan meets: one loader, window 1, nothing resident, no prepacking."""
+    return profile.base_bytes + profile.transient_bytes + max(s.plain.bytes for s in profile.stages)
+
+
+def simulate(loads: list[float | None], runs: list[float], loaders: int, window: int) -> float:
+    """Latency of one pass. loads[i] is None for a stage already loaded. Streamed stages are claimed in
+    order by the first free loader, once the streamed stage `window` places earlier has run."""
+    free, run_end, clock = [0.0] * loaders, [], 0.0
+    for load, run in zip(loads, runs):
+        if load is None:
+            clock += run
+            continue
+        slot = run_end[len(run_end) - window] if len(run_end) >= window else 0.0
+        k = min(range(loaders), key=free.__getitem__)
+        free[k] = max(free[k], slot) + load
+        clock = max(clock, free[k]) + run
+        run_end.append(clock)
+    return clock
+
+
+def make_plan(profile: Profile, budget: int, loaders: int, window: int, prepack_streamed: bool,
+              cold: bool) -> Plan | None:
+    """The plan with these knobs and the most useful resident set that fits, or None if nothing fits."""
+    streamed_bytes = sorted((cost(s, prepack_streamed).bytes for s in profile.stages), reverse=True)
+    fixed = profile.base_bytes + profile.transient_bytes + sum(streamed_bytes[:window])
+    if fixed > budget:
+        return None
+    resident, prepacked, used = pick_resident(profile, budget - fixed, cold)
+    if prepack_streamed:
+        prepacked |= {s.name for s in profile.stages if s.name not in resident}
+    load = lambda s: cost(s, s.name in prepacked).load_cold_s if cold else cost(s, s.name in prepacked).load_warm_s
+    runs = [cost(s, s.name in prepacked).run_s for s in profile.stages]
+    first = simulate([load(s) for s in profile.stages], runs, loaders, window)
+    steady = simulate([None if s.name in resident else load(s) for s in profile.stages], runs, loaders, window)
+    names = [s.name for s in profile.stages]
+    still_streamed = sorted((cost(s, prepack_streamed).bytes for s in profile.stages if s.name not in resident),
+                            reverse=True)
+    peak = profile.base_bytes + profile.transient_bytes + sum(still_streamed[:window]) + used
+    return Plan(budget, loaders, window, tuple(n for n in names if n in resident),
+                tuple(n for n in names if n in prepacked), profile.compute_threads, first, steady, peak)
+
+
+def pick_resident(profile: Profile, spare: int, cold: bool) -> tuple[set[str], set[str], int]:
+    """Greedy: keep the stages that save the most load time per byte; prepacked when that still fits.
+    A resident stage no longer occupies the streamed window, but the window is sized for the largest
+    stages, so this never overcounts."""
+    key = (lambda c: c.load_cold_s) if cold else (lambda c: c.load_warm_s)
+    resident, prepacked, used = set(), set(), 0
+    for s in sorted(profile.stages, key=lambda s: key(s.plain) / max(s.plain.bytes, 1), reverse=True):
+        for packed in (True, False):
+            if used + cost(s, packed).bytes <= spare:
+                resident.add(s.name)
+                used += cost(s, packed).bytes
+                if packed:
+                    prepacked.add(s.name)
+                break
+    return resident, prepacked, used
+
+
+def plan(profile: Profile, budget: int, cold: bool = False) -> Plan:
+    """The fastest plan (later runs first, then the first run) whose predicted peak fits the budget."""
+    least = minimum_budget(profile)
+    if budget < least:
+        raise BudgetError(
+            f"budget {format_bytes(budget)} is below the smallest feasible plan, {format_bytes(least)}: "
+            f"process base {format_bytes(profile.base_bytes)} + tensors in flight "
+            f"{format_bytes(profile.transient_bytes)} + largest stage "
+            f"{format_bytes(max(s.plain.bytes for s in profile.stages))}")
+    candidates = [make_plan(profile, budget, loaders, window, packed, cold)
+                  for packed in (False, True)
+                  for window in range(1, min(MAX_WINDOW, len(profile.stages)) + 1)
+                  for loaders in range(1, min(window, profile.cores) + 1)]
+    return min((p for p in candidates if p), key=lambda p: (round(p.predicted_steady_s, 4),
+                                                            round(p.predicted_first_s, 4),
+                                                            p.predicted_peak_bytes))
+
+
+def plan_table(profile: Profile, budgets: list[int], cold: bool = False) -> list[Plan]:
+    """Plans over a range of budgets, as the paper's planner reports them; infeasible budgets are skipped."""
+    least = minimum_budget(profile)
+    return [plan(profile, b, cold) for b in budgets if b >= least]
+
+
+def default_budgets(profile: Profile, count: int = 8) -> list[int]:
+    """From the minimum to everything resident (prepacked), geometrically."""
+    low = minimum_budget(profile)
+    high = profile.base_bytes + profile.transient_bytes + sum(s.prepacked.bytes for s in profile.stages)
+    ratio = (high / low) ** (1 / max(count - 1, 1))
+    return [int(low * ratio ** k) + 1 for k in range(count)]

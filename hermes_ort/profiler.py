@@ -1,0 +1,69 @@
+"""hermes profile: per stage, load time (cold and warm), run time and resident bytes, under both
+prepacking settings. Measured in this process, one stage at a time, from the OS's RSS."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .loading import evict, prepare
+from .manifest import Manifest, StageSpec
+from .memory import give_back, rss
+from .profiles import Profile, StageCost, StageProfile
+from .progress import progress
+from .sessions import SessionConfig, run_stage
+
+
+def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: SessionConfig) -> tuple[StageCost, dict]:
+    give_back()
+    evict(directory, stage)
+    before = rss()
+    start = time.perf_counter()
+    session = prepare(directory, stage, config)
+    cold = time.perf_counter() - start
+    outputs = run_stage(stage, session, tensors)  # first run pays one-off costs (arena growth)
+    start = time.perf_counter()
+    outputs = run_stage(stage, session, tensors)
+    run = time.perf_counter() - start
+    grown = rss() - before
+    del session
+    give_back()
+    start = time.perf_counter()
+    session = prepare(directory, stage, config)
+    warm = time.perf_counter() - start
+    del session
+    give_back()
+    return StageCost(cold, warm, run, max(grown, 0)), outputs
+
+
+def disk_bandwidth(directory: Path, manifest: Manifest) -> float:
+    """Cold sequential read of the largest weight file, in bytes per second."""
+    stage = max(manifest.stages, key=lambda s: s.bytes)
+    evict(directory, stage)
+    total, start = 0, time.perf_counter()
+    buffer = bytearray(1 << 22)
+    for file in stage.files:
+        with open(directory / file.path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                total += n
+    return total / max(time.perf_counter() - start, 1e-9)
+
+
+def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarray], axes: dict,
+                  compute_threads: int | None = None, show_progress: bool = True) -> Profile:
+    cores = os.cpu_count() or 1
+    threads = compute_threads or cores
+    give_back()
+    base = rss()
+    disk = disk_bandwidth(directory, manifest)
+    tensors, last_use, stages, transient = dict(feed), manifest.last_use(), [], 0
+    for i, stage in progress(enumerate(manifest.stages), len(manifest.stages), "profile", show_progress):
+        plain, outputs = measure_stage(directory, stage, tensors, SessionConfig(threads, False, False))
+        packed, _ = measure_stage(directory, stage, tensors, SessionConfig(threads, True, False))
+        stages.append(StageProfile(stage.name, stage.bytes, plain, packed))
+        tensors.update(outputs)
+        tensors = {k: v for k, v in tensors.items() if last_use.get(k, -1) > i}
+        transient = max(transient, sum(v.nbytes for v in tensors.values()))
+    return Profile(base, transient, cores, threads, disk, axes, tuple(stages))

@@ -1,0 +1,68 @@
+"""profile.json: what `hermes profile` measured per stage, the planner's only input besides the budget."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ManifestError
+
+PROFILE_NAME = "profile.json"
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One stage under one ORT setting. Times in seconds; bytes the process RSS grew while it was loaded
+    and had run once (weights mapped or copied, packed weights, ORT's arena, the outputs)."""
+
+    load_cold_s: float  # files evicted from the page cache, then read ahead + session created
+    load_warm_s: float
+    run_s: float  # steady run, compute threads as profiled
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StageProfile:
+    name: str
+    file_bytes: int
+    plain: StageCost  # prepacking off: cheap to create, weights stay mapped from the file
+    prepacked: StageCost  # prepacking on: slower and larger to create, faster to run
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A model measured on one device for one input shape."""
+
+    base_bytes: int  # RSS of the process before any stage is loaded (interpreter, numpy, ORT)
+    transient_bytes: int  # the largest tensors in flight between stages
+    cores: int
+    compute_threads: int
+    disk_bytes_per_s: float  # cold sequential read measured alongside
+    feed: dict  # axis sizes the stages ran with
+    stages: tuple[StageProfile, ...]
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Profile":
+        stages = tuple(StageProfile(s["name"], s["file_bytes"], StageCost(**s["plain"]), StageCost(**s["prepacked"]))
+                       for s in d["stages"])
+        return cls(**{**d, "stages": stages})
+
+
+def save(profile: Profile, directory: str | os.PathLike) -> Path:
+    path = Path(directory) / PROFILE_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(profile), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load(directory: str | os.PathLike) -> Profile:
+    path = Path(directory) / PROFILE_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing: run `hermes profile {directory}` first")
+    try:
+        return Profile.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"{path} is corrupt: {type(e).__name__}: {e}") from e
