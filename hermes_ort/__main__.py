@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 from .errors import HermesError
-from .memory import format_bytes
+from .memory import format_bytes, parse_budget
 
 
 def cmd_split(args) -> None:
@@ -15,6 +17,66 @@ def cmd_split(args) -> None:
     print(f"split {args.model}: {len(manifest.stages)} stages, {format_bytes(manifest.bytes)} -> {args.out}")
     for s in manifest.stages:
         print(f"  {s.name:<12} {format_bytes(s.bytes):>11}  {len(s.inputs)} in, {len(s.outputs)} out")
+
+
+def axes(args) -> dict:
+    return {"batch": args.batch, "sequence": args.sequence}
+
+
+def cmd_profile(args) -> None:
+    from . import manifest as manifest_io, profiles
+    from .feeds import synthetic_feed
+    from .profiler import profile_model
+    from .report import profile_table
+
+    manifest = manifest_io.load(args.model_dir)
+    profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, axes(args)), axes(args),
+                            args.threads)
+    print(profile_table(profile))
+    print(f"saved {profiles.save(profile, args.model_dir)}")
+
+
+def cmd_plan(args) -> None:
+    from . import manifest as manifest_io
+    from .planner import default_budgets, plan, plan_table
+    from .report import plan_rows, plan_text
+    from .session import model_profile
+
+    manifest = manifest_io.load(args.model_dir)
+    profile = model_profile(Path(args.model_dir), manifest)
+    if args.budget:
+        print(plan_text(plan(profile, parse_budget(args.budget, manifest.bytes), args.cold)))
+    else:
+        print(plan_rows(plan_table(profile, default_budgets(profile), args.cold)))
+
+
+def cmd_run(args) -> None:
+    import numpy as np
+
+    from .feeds import synthetic_feed
+    from .memory import peak_rss
+    from .session import InferenceSession
+    from .trace import Tracer
+
+    tracer = Tracer() if args.trace else None
+    from . import manifest as manifest_io
+    budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
+    start = time.perf_counter()
+    with InferenceSession(args.model_dir, memory_budget=budget, tracer=tracer) as session:
+        feed = dict(np.load(args.inputs)) if args.inputs else synthetic_feed(session.manifest, axes(args))
+        outputs = session.run(None, feed)
+        names = [o.name for o in session.get_outputs()]
+    seconds = time.perf_counter() - start
+    p = session.plan
+    print(f"ran {args.model_dir} in {seconds:.3f} s, peak RSS {format_bytes(peak_rss())} "
+          f"(budget {format_bytes(p.budget)}; plan: {p.loaders} loaders, window {p.window}, "
+          f"{len(p.resident)} resident)")
+    if args.out:
+        np.savez(args.out, **dict(zip(names, outputs)))
+        print(f"outputs -> {args.out}")
+    if tracer:
+        tracer.save(args.trace)
+        print(f"trace -> {args.trace}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,6 +90,30 @@ def parser() -> argparse.ArgumentParser:
     split.add_argument("--cut", action="append", metavar="TENSOR",
                        help="cut after this tensor (repeat, in order); overrides the automatic choice")
     split.set_defaults(func=cmd_split)
+
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument("--batch", type=int, default=1, help="batch size of synthetic inputs (default 1)")
+    shape.add_argument("--sequence", type=int, default=128, help="sequence length of synthetic inputs")
+    budget_help = "peak RSS to stay under: 400MiB, 2GB, or 25%% of the model's bytes"
+
+    prof = sub.add_parser("profile", parents=[shape], help="measure load/run time and memory per stage")
+    prof.add_argument("model_dir")
+    prof.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    prof.set_defaults(func=cmd_profile)
+
+    pl = sub.add_parser("plan", help="the pipeline plan for a budget, or the table over budgets")
+    pl.add_argument("model_dir")
+    pl.add_argument("--budget", help=budget_help)
+    pl.add_argument("--cold", action="store_true", help="plan for files not in the page cache")
+    pl.set_defaults(func=cmd_plan)
+
+    run = sub.add_parser("run", parents=[shape], help="one inference within a budget")
+    run.add_argument("model_dir")
+    run.add_argument("--budget", help=budget_help + " (default: a share of available memory)")
+    run.add_argument("--inputs", help=".npz of model inputs (default: synthetic inputs of --batch/--sequence)")
+    run.add_argument("--out", help="write the outputs to this .npz")
+    run.add_argument("--trace", help="write a Chrome trace-event JSON (Perfetto, chrome://tracing)")
+    run.set_defaults(func=cmd_run)
     return p
 
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from .manifest import Manifest, TensorSpec
 
-DEFAULT_AXES = {"batch": 1, "sequence": 128, "past_sequence": 0, "total_sequence": 128}
+DEFAULT_AXES = {"batch": 1, "sequence": 128, "past_sequence": 0}
 
 
 def axis_size(name: str, sizes: dict[str, int]) -> int:
@@ -23,5 +23,6 @@ def synthetic_tensor(spec: TensorSpec, sizes: dict[str, int], rng: np.random.Gen
 
 def synthetic_feed(manifest: Manifest, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     sizes = {**DEFAULT_AXES, **(sizes or {})}
+    sizes.setdefault("total_sequence", sizes["sequence"] + sizes["past_sequence"])
     rng = np.random.default_rng(seed)
     return {t.name: synthetic_tensor(t, sizes, rng) for t in manifest.inputs}

@@ -24,6 +24,16 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def parse_budget(text: str, model_bytes: int) -> int:
+    """A size ("400MiB") or a share of the model's bytes on disk ("25%")."""
+    if str(text).strip().endswith("%"):
+        try:
+            return int(float(str(text).strip()[:-1]) / 100 * model_bytes)
+        except ValueError:
+            raise HermesError(f"cannot read {text!r} as a share of the model: use e.g. 25%") from None
+    return parse_bytes(text)
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

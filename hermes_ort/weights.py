@@ -18,6 +18,8 @@ from onnx.external_data_helper import uses_external_data
 ALIGN = 64 * 1024
 SMALL_ALIGN = 64
 INLINE_MAX = 1024
+SHARE_MIN = 1 << 20  # reuse another stage's bytes only for large tensors (a tied embedding matrix), not for
+# small ones that happen to be equal (freshly initialised LayerNorms): that would make stages read each other's files
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,13 @@ class WeightWriter:
 
     def _place(self, raw: bytes, out, data_name: str) -> Placement:
         digest = hashlib.sha256(raw).hexdigest()
-        if digest not in self.placed:
-            align = ALIGN if len(raw) >= ALIGN else SMALL_ALIGN
-            offset = -out.tell() % align + out.tell()
-            out.seek(offset)
-            out.write(raw)
-            self.placed[digest] = Placement(data_name, offset, len(raw))
+        if digest in self.placed and (self.placed[digest].location == data_name or len(raw) >= SHARE_MIN):
+            return self.placed[digest]
+        align = ALIGN if len(raw) >= ALIGN else SMALL_ALIGN
+        offset = -out.tell() % align + out.tell()
+        out.seek(offset)
+        out.write(raw)
+        self.placed[digest] = Placement(data_name, offset, len(raw))
         return self.placed[digest]
 
 

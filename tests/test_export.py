@@ -107,3 +107,10 @@ def test_export_refuses_to_replace_a_foreign_directory(tmp_path):
     with pytest.raises(HermesError, match="not a model directory"):
         export_model("tiny-vit", tmp_path / "m", progress=False)
     assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+
+
+def test_blocks_read_only_their_own_files(exported):
+    """Regression: freshly initialised LayerNorms are equal across blocks; sharing their bytes made every
+    block depend on block_00.data."""
+    for stage in hermes_ort.InferenceSession(exported("tiny-bert").directory).manifest.stages:
+        assert [w.path for w in stage.weights] == [f"{stage.name}.data"]
