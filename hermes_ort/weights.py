@@ -18,7 +18,7 @@ from onnx.external_data_helper import uses_external_data
 ALIGN = 64 * 1024
 SMALL_ALIGN = 64
 INLINE_MAX = 1024
-SHARE_MIN = 1 << 20  # reuse another stage's bytes only for large tensors (a tied embedding matrix), not for
+SHARE_MIN = ALIGN  # reuse another stage's bytes only for large tensors (a tied embedding matrix), not for
 # small ones that happen to be equal (freshly initialised LayerNorms): that would make stages read each other's files
 
 
