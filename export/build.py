@@ -66,6 +66,8 @@ def build_stages(family: Family, model, feed, directory: Path, simplify: bool, p
     for plan in tqdm(family.stages(model), desc="export", unit="stage", disable=not progress):
         graph = maybe_simplify(export_stage(plan, tensors), plan.name) if simplify else export_stage(plan, tensors)
         specs.append(write_stage(graph, directory, plan.name, plan.kind, writer, source_reader(directory)))
+        if plan.row_slices is not None:
+            writer.register_rows(*plan.row_slices)
         tensors.update(run_torch(plan, tensors))
     return specs
 

@@ -23,6 +23,7 @@ class StagePlan:
     outputs: tuple[str, ...]
     axes: dict[str, dict[int, str]]
     postprocess: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None  # graph surgery after export
+    row_slices: tuple[np.ndarray, list[tuple[int, int]]] | None = None  # rows later stages reuse (tied head)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """GPT-2: embeddings (wte + wpe), blocks that take `past` and return `present`, head (ln_f + tied LM head)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -58,17 +59,48 @@ class Block(nn.Module):
         return hidden, key, value
 
 
-class Head(nn.Module):
-    """ln_f, then logits against the LM head matrix as stored ([V, E]), so a tied wte is written once."""
+class HeadPart(nn.Module):
+    """Logits for LM-head rows [start, end). The head is cut into parts about a block's size, so no stage
+    holds the whole [V, E] matrix: the first part applies ln_f and passes the normed hidden state on,
+    the last one concatenates every part's logits."""
 
-    def __init__(self, model):
+    def __init__(self, weight, ln_f=None, emit_normed=False, concat=False):
         super().__init__()
-        self.ln_f, self.weight = model.transformer.ln_f, model.lm_head.weight
+        self.register_buffer("weight", weight.detach().contiguous())
+        self.ln_f, self.emit_normed, self.concat = ln_f, emit_normed, concat
 
-    def forward(self, hidden):  # [B, S, E] -> [B, S, V]
+    def forward(self, hidden, *earlier_parts):  # [B, S, E] -> [B, S, end - start]
+        hidden = self.ln_f(hidden) if self.ln_f is not None else hidden
         b, s, e = hidden.shape
-        flat = self.ln_f(hidden).reshape(-1, e)  # 2-D, so the MatMul can become Gemm(transB=1) on W as stored
-        return F.linear(flat, self.weight).reshape(b, s, -1)
+        logits = F.linear(hidden.reshape(-1, e), self.weight).reshape(b, s, -1)  # 2-D: Gemm(transB=1) on W as is
+        logits = torch.cat([*earlier_parts, logits], dim=-1) if self.concat else logits
+        return (hidden, logits) if self.emit_normed else logits
+
+
+ROW_ALIGN = 256  # part boundaries every 256 rows keep each part 64 KiB-aligned inside wte (E % 64 == 0)
+
+
+def head_splits(vocab: int, row_bytes: int, target_bytes: int) -> list[tuple[int, int]]:
+    """Half-open row ranges of about target_bytes each, starting on ROW_ALIGN boundaries."""
+    parts = max(1, round(vocab * row_bytes / target_bytes))
+    step = -(-vocab // parts // ROW_ALIGN) * ROW_ALIGN or ROW_ALIGN
+    return [(start, min(start + step, vocab)) for start in range(0, vocab, step)]
+
+
+def head_plans(model, splits: list[tuple[int, int]]) -> list[StagePlan]:
+    n, weight, ln_f = model.config.n_layer, model.lm_head.weight.detach(), model.transformer.ln_f
+    hidden, normed, k = f"hidden.{n}", "hidden.final", len(splits)
+    seq_axes = {0: B, 1: S}
+    plans = []
+    for j, (start, end) in enumerate(splits):
+        first, last = j == 0, j == k - 1
+        inputs = (hidden,) if first else (normed, *[f"logits.{p}" for p in range(j)] * last)
+        outputs = ((normed,) if first and not last else ()) + ("logits" if last else f"logits.{j}",)
+        module = HeadPart(weight[start:end], ln_f if first else None, first and not last, last and k > 1)
+        plans.append(StagePlan(f"head_{j:02d}" if k > 1 else "head", "head", module, inputs, outputs,
+                               {t: seq_axes for t in (*inputs, *outputs)},
+                               gemm_on_stored_weight(weight[start:end].numpy())))
+    return plans
 
 
 def gemm_on_stored_weight(weight: np.ndarray):
@@ -99,10 +131,12 @@ def stages(model) -> list[StagePlan]:
                 **{p: {0: B, 2: P} for p in past}, **{p: {0: B, 2: T} for p in present}}
         plans.append(StagePlan(f"block_{i:02d}", "block", Block(block, model.config.n_head),
                                (f"hidden.{i}", "attention_mask", *past), (f"hidden.{i + 1}", *present), axes))
-    plans.append(StagePlan("head", "head", Head(model), (f"hidden.{n}",), ("logits",),
-                           {f"hidden.{n}": {0: B, 1: S}, "logits": {0: B, 1: S}},
-                           gemm_on_stored_weight(model.lm_head.weight.detach().numpy())))
-    return plans
+    block_bytes = sum(p.numel() * p.element_size() for p in model.transformer.h[0].parameters())
+    weight = model.lm_head.weight.detach()
+    splits = head_splits(weight.shape[0], weight[0].numel() * weight.element_size(), block_bytes)
+    if model.lm_head.weight is model.transformer.wte.weight:
+        plans[0] = dataclasses.replace(plans[0], row_slices=(weight.numpy(), splits))
+    return plans + head_plans(model, splits)
 
 
 def empty_past(config, batch: int, length: int = 0, rng=None) -> dict[str, np.ndarray]:

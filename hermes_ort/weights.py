@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
@@ -72,6 +73,16 @@ class WeightWriter:
         if data_name not in used:
             (self.directory / data_name).unlink()
         return tuple(used)
+
+    def register_rows(self, array: np.ndarray, splits: list[tuple[int, int]]) -> None:
+        """Lets later stages reference half-open row ranges [start, end) of an already written 2-D tensor
+        (a tied LM head cut into parts) instead of writing those rows again."""
+        whole = self.placed[hashlib.sha256(array.tobytes()).hexdigest()]
+        row = array[0].nbytes
+        for start, end in splits:
+            raw = array[start:end].tobytes()
+            self.placed.setdefault(hashlib.sha256(raw).hexdigest(),
+                                   Placement(whole.location, whole.offset + start * row, len(raw)))
 
     def _place(self, raw: bytes, out, data_name: str) -> Placement:
         digest = hashlib.sha256(raw).hexdigest()
