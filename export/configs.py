@@ -20,6 +20,8 @@ NAMED: dict[str, tuple[str, dict]] = {
                               intermediate_size=4096, num_labels=1000)),  # 304M
     "tiny-gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=2048, n_positions=128,
                                 bos_token_id=0, eos_token_id=0)),  # 0.2M
+    "small-gpt2": ("gpt2", dict(n_layer=8, n_embd=512, n_head=8, vocab_size=8192, n_positions=256,
+                                bos_token_id=0, eos_token_id=0)),  # 29M: memory-budget tests in a subprocess
     "tiny-bert": ("bert", dict(TINY, vocab_size=1000, max_position_embeddings=128)),  # 0.1M
     "tiny-vit": ("vit", dict(TINY, image_size=32, patch_size=8, num_labels=10)),  # 0.07M
 }

@@ -48,7 +48,18 @@ def rss() -> int:
 
 
 def peak_rss() -> int:
-    """Lifetime peak resident set of this process (ru_maxrss), in bytes."""
+    """Lifetime peak resident set of this process, in bytes: the kernel's VmHWM on Linux, else ru_maxrss.
+
+    ru_maxrss survives execve: a child spawned by a large process (pytest with torch loaded) reports the
+    parent's size as its own peak. VmHWM belongs to the new address space only.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

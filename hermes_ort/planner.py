@@ -8,6 +8,7 @@ agent from the profiled load and run times; it ignores CPU contention between th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import BudgetError
 from .memory import format_bytes
@@ -57,14 +58,21 @@ def simulate(loads: list[float | None], runs: list[float], loaders: int, window:
     return clock
 
 
+def window_bytes(profile: Profile, resident: set[str], window: int, prepack_streamed: bool) -> int:
+    """Memory of the streamed window: the `window` largest stages that are not resident."""
+    streamed = sorted((cost(s, prepack_streamed).bytes for s in profile.stages if s.name not in resident),
+                      reverse=True)
+    return sum(streamed[:window])
+
+
 def make_plan(profile: Profile, budget: int, loaders: int, window: int, prepack_streamed: bool,
               cold: bool) -> Plan | None:
     """The plan with these knobs and the most useful resident set that fits, or None if nothing fits."""
-    streamed_bytes = sorted((cost(s, prepack_streamed).bytes for s in profile.stages), reverse=True)
-    fixed = profile.base_bytes + profile.transient_bytes + sum(streamed_bytes[:window])
-    if fixed > budget:
+    spare = budget - profile.base_bytes - profile.transient_bytes
+    if window_bytes(profile, set(), window, prepack_streamed) > spare:
         return None
-    resident, prepacked, used = pick_resident(profile, budget - fixed, cold)
+    resident, prepacked, used = pick_resident(profile, spare, cold,
+                                              lambda r: window_bytes(profile, r, window, prepack_streamed))
     if prepack_streamed:
         prepacked |= {s.name for s in profile.stages if s.name not in resident}
     load = lambda s: cost(s, s.name in prepacked).load_cold_s if cold else cost(s, s.name in prepacked).load_warm_s
@@ -72,22 +80,21 @@ def make_plan(profile: Profile, budget: int, loaders: int, window: int, prepack_
     first = simulate([load(s) for s in profile.stages], runs, loaders, window)
     steady = simulate([None if s.name in resident else load(s) for s in profile.stages], runs, loaders, window)
     names = [s.name for s in profile.stages]
-    still_streamed = sorted((cost(s, prepack_streamed).bytes for s in profile.stages if s.name not in resident),
-                            reverse=True)
-    peak = profile.base_bytes + profile.transient_bytes + sum(still_streamed[:window]) + used
+    peak = profile.base_bytes + profile.transient_bytes + used + window_bytes(profile, resident, window,
+                                                                                prepack_streamed)
     return Plan(budget, loaders, window, tuple(n for n in names if n in resident),
                 tuple(n for n in names if n in prepacked), profile.compute_threads, first, steady, peak)
 
 
-def pick_resident(profile: Profile, spare: int, cold: bool) -> tuple[set[str], set[str], int]:
-    """Greedy: keep the stages that save the most load time per byte; prepacked when that still fits.
-    A resident stage no longer occupies the streamed window, but the window is sized for the largest
-    stages, so this never overcounts."""
+def pick_resident(profile: Profile, spare: int, cold: bool,
+                  window_for: Callable[[set[str]], int]) -> tuple[set[str], set[str], int]:
+    """Greedy: keep the stages that save the most load time per byte, prepacked when that still fits
+    beside the streamed window (which shrinks as stages become resident)."""
     key = (lambda c: c.load_cold_s) if cold else (lambda c: c.load_warm_s)
     resident, prepacked, used = set(), set(), 0
     for s in sorted(profile.stages, key=lambda s: key(s.plain) / max(s.plain.bytes, 1), reverse=True):
         for packed in (True, False):
-            if used + cost(s, packed).bytes <= spare:
+            if used + cost(s, packed).bytes + window_for(resident | {s.name}) <= spare:
                 resident.add(s.name)
                 used += cost(s, packed).bytes
                 if packed:

@@ -1,0 +1,72 @@
+"""The strategies the benchmark compares; each runs once in a fresh process (ru_maxrss is a lifetime peak).
+
+whole       whole-model ORT (the stages merged back into one graph), default session options
+sequential  one stage at a time: create, run, destroy (load-run-free)
+pipeswitch  pipelined loading that never frees: loaders run ahead with no window, nothing is destroyed
+hermes      the planner's plan for the budget
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from hermes_ort import InferenceSession
+from hermes_ort.chain import run_chain
+from hermes_ort.manifest import Manifest
+from hermes_ort.merge import merge_stages
+from hermes_ort.planner import Plan
+from hermes_ort.sessions import SessionConfig, open_stage
+
+
+def whole(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple[dict, float, float]:
+    path = directory / "whole_model.onnx"
+    start = time.perf_counter()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, feed)
+    first = time.perf_counter() - start
+    steady = []
+    for _ in range(3):
+        start = time.perf_counter()
+        session.run(None, feed)
+        steady.append(time.perf_counter() - start)
+    return dict(zip([o.name for o in session.get_outputs()], outputs)), first, float(np.median(steady))
+
+
+def sequential(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple[dict, float, float]:
+    start = time.perf_counter()
+    outputs = run_chain(manifest, feed, lambda i: open_stage(directory, manifest.stages[i], SessionConfig()))
+    return outputs, time.perf_counter() - start, float("nan")
+
+
+def pipeswitch(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple[dict, float, float]:
+    names = tuple(s.name for s in manifest.stages)
+    keep_all = Plan(budget, loaders=1, window=len(names), resident=names, prepacked=names, compute_threads=0,
+                    predicted_first_s=0, predicted_steady_s=0, predicted_peak_bytes=0)
+    return _timed(directory, feed, dict(plan_override=keep_all))
+
+
+def hermes(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple[dict, float, float]:
+    return _timed(directory, feed, dict(memory_budget=budget))
+
+
+def _timed(directory: Path, feed: dict, options: dict) -> tuple[dict, float, float]:
+    start = time.perf_counter()
+    with InferenceSession(directory, **options) as session:
+        outputs = session.run(None, feed)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        session.run(None, feed)
+        second = time.perf_counter() - start
+        names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, outputs)), first, second
+
+
+STRATEGIES = {"whole": whole, "sequential": sequential, "pipeswitch": pipeswitch, "hermes": hermes}
+
+
+def prepare_whole(directory: Path, manifest: Manifest) -> None:
+    if not (directory / "whole_model.onnx").is_file():
+        merge_stages(directory, manifest)

@@ -1,0 +1,95 @@
+"""The budget is the OS's figure: peak RSS (ru_maxrss) of a fresh process stays at or below it."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hermes_ort import manifest as manifest_io
+from hermes_ort import profiles
+from hermes_ort.memory import format_bytes
+from hermes_ort.planner import minimum_budget
+
+MiB = 1 << 20
+PEAK_OF_RUN = """
+import json, sys
+from hermes_ort import InferenceSession, manifest
+from hermes_ort.feeds import synthetic_feed
+from hermes_ort.memory import peak_rss
+budget = int(sys.argv[2])
+with InferenceSession(sys.argv[1], memory_budget=budget) as s:
+    s.run(None, synthetic_feed(s.manifest))
+    s.run(None, synthetic_feed(s.manifest))
+print(json.dumps({"peak": peak_rss(), "window": s.plan.window, "resident": len(s.plan.resident)}))
+"""
+PEAK_OF_WHOLE = """
+import json, sys
+import onnxruntime as ort
+from hermes_ort import manifest
+from hermes_ort.feeds import synthetic_feed
+from hermes_ort.memory import peak_rss
+from hermes_ort.merge import merge_stages
+m = manifest.load(sys.argv[1])
+ort.InferenceSession(str(merge_stages(m and __import__('pathlib').Path(sys.argv[1]), m))).run(None, synthetic_feed(m))
+print(json.dumps({"peak": peak_rss()}))
+"""
+
+
+def fresh_process(script, *args):
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def small(exported):
+    directory = exported("small-gpt2").directory
+    out = subprocess.run([sys.executable, "-m", "hermes_ort", "profile", str(directory)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    return directory, profiles.load(directory)
+
+
+@pytest.mark.parametrize("extra_mib", [8, 48])
+def test_peak_rss_stays_within_the_budget(small, extra_mib):
+    directory, profile = small
+    budget = minimum_budget(profile) + extra_mib * MiB
+    result = fresh_process(PEAK_OF_RUN, directory, budget)
+    assert result["peak"] <= budget, f"peak {format_bytes(result['peak'])} over budget {format_bytes(budget)}"
+
+
+def test_the_budget_is_below_what_whole_model_ort_needs(small):
+    directory, profile = small
+    whole = fresh_process(PEAK_OF_WHOLE, directory)["peak"]
+    assert minimum_budget(profile) + 48 * MiB < whole  # so the test above is not met trivially
+    assert manifest_io.load(directory).bytes > 100 * MiB
+
+
+def test_cli_rejects_an_infeasible_budget_with_the_minimum(small):
+    directory, profile = small
+    out = subprocess.run([sys.executable, "-m", "hermes_ort", "plan", str(directory), "--budget", "10MiB"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert f"smallest feasible plan, {format_bytes(minimum_budget(profile))}" in out.stderr
+
+
+def test_cli_run_writes_outputs_and_trace(small, tmp_path):
+    directory, profile = small
+    budget = minimum_budget(profile) + 48 * MiB
+    out = subprocess.run([sys.executable, "-m", "hermes_ort", "run", str(directory), "--budget", str(budget),
+                          "--out", str(tmp_path / "out.npz"), "--trace", str(tmp_path / "t.json")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "peak RSS" in out.stdout and (tmp_path / "out.npz").is_file()
+    assert json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    table = subprocess.run([sys.executable, "-m", "hermes_ort", "plan", str(directory)], capture_output=True,
+                           text=True)
+    assert table.returncode == 0 and len(table.stdout.strip().splitlines()) >= 4
+
+
+def test_peak_is_not_inherited_from_a_large_parent():
+    """Regression: ru_maxrss of a child spawned by this (torch-sized) process reported the parent's size."""
+    import torch  # noqa: F401  (makes this process large, as pytest with the exporter is)
+
+    child = fresh_process("import json; from hermes_ort.memory import peak_rss; print(json.dumps({'peak': peak_rss()}))")
+    assert child["peak"] < 150 * MiB

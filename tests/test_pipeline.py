@@ -1,0 +1,150 @@
+"""The PipeLoad engine: exact outputs, a window that holds, resident stages, and clean failure."""
+import json
+import threading
+
+import numpy as np
+import pytest
+
+import hermes_ort
+from hermes_ort import chain, loading
+from hermes_ort.errors import StageError
+from hermes_ort.feeds import synthetic_feed
+from hermes_ort.planner import Plan
+from hermes_ort.trace import Tracer
+
+
+def pipeline_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith(("loader-", "daemon"))]
+
+
+def make_plan(manifest, loaders=1, window=1, resident=(), prepacked=()):
+    return Plan(budget=0, loaders=loaders, window=window, resident=tuple(resident), prepacked=tuple(prepacked),
+                compute_threads=1, predicted_first_s=0, predicted_steady_s=0, predicted_peak_bytes=0)
+
+
+@pytest.fixture
+def gpt2(exported):
+    return exported("tiny-gpt2").directory
+
+
+def run(directory, plan=None, tracer=None, **options):
+    with hermes_ort.InferenceSession(directory, plan_override=plan, tracer=tracer, **options) as session:
+        feed = synthetic_feed(session.manifest, {"sequence": 12})
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+
+
+@pytest.mark.parametrize("loaders, window, resident, prepacked", [
+    (1, 1, (), ()), (2, 3, (), ()), (2, 2, ("embeddings", "head_02"), ("block_00",)), (1, 6, "all", "all"),
+])
+def test_every_plan_gives_the_sequential_outputs(gpt2, loaders, window, resident, prepacked):
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    names = [s.name for s in manifest.stages]
+    plan = make_plan(manifest, loaders, window, names if resident == "all" else resident,
+                     names if prepacked == "all" else prepacked)
+    reference = run(gpt2, make_plan(manifest))
+    got = run(gpt2, plan)
+    assert all(np.max(np.abs(got[k] - reference[k])) <= 1e-5 for k in reference)
+    assert pipeline_threads() == []
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_window_bounds_the_loaded_stages(gpt2, window):
+    tracer = Tracer()
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    run(gpt2, make_plan(manifest, loaders=2, window=window), tracer)
+    loaded = {s.name.split()[1]: s.start_s for s in tracer.spans if s.category == "load"}
+    freed = {s.name.split()[1]: s.end_s for s in tracer.spans if s.category == "destroy"}
+    assert set(loaded) == set(freed) == {s.name for s in manifest.stages}
+    alive_at = lambda t: sum(loaded[n] <= t < freed[n] for n in loaded)
+    assert max(alive_at(t) for t in loaded.values()) <= window
+
+
+def test_resident_stages_are_not_reloaded(gpt2, monkeypatch):
+    loads = []
+    real = loading.prepare
+    monkeypatch.setattr(loading, "prepare", lambda d, stage, c: loads.append(stage.name) or real(d, stage, c))
+    with hermes_ort.InferenceSession(gpt2, memory_budget="4GiB") as session:
+        feed = synthetic_feed(session.manifest, {"sequence": 4})
+        first = session.run(None, feed)
+        count = len(loads)
+        second = session.run(None, feed)
+    assert count == len(session.manifest.stages) and len(loads) == count  # nothing loaded the second time
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_small_budget_streams_every_run(gpt2, monkeypatch):
+    loads = []
+    real = loading.prepare
+    monkeypatch.setattr(loading, "prepare", lambda d, stage, c: loads.append(stage.name) or real(d, stage, c))
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    with hermes_ort.InferenceSession(gpt2, plan_override=make_plan(manifest, 1, 2)) as session:
+        feed = synthetic_feed(manifest, {"sequence": 4})
+        session.run(None, feed)
+        session.run(None, feed)
+    assert len(loads) == 2 * len(manifest.stages)
+
+
+@pytest.fixture
+def failing_loader(monkeypatch):
+    """Makes loading the named stage raise the given exception, as a disk or ORT failure would."""
+
+    def install(stage_name, error):
+        real = loading.prepare
+
+        def prepare(directory, stage, config):
+            if stage.name == stage_name:
+                raise error
+            return real(directory, stage, config)
+
+        monkeypatch.setattr(loading, "prepare", prepare)
+
+    return install
+
+
+@pytest.mark.parametrize("loaders, window", [(1, 1), (2, 4)])
+def test_loader_failure_reaches_the_caller_and_leaves_nothing_running(gpt2, failing_loader, loaders, window):
+    failing_loader("block_01", OSError("Input/output error"))
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    with pytest.raises(StageError, match="stage 'block_01' \\(block_01.onnx\\): loading failed: OSError"):
+        run(gpt2, make_plan(manifest, loaders, window))
+    assert pipeline_threads() == []
+
+
+def test_corrupt_stage_bytes_name_the_stage_and_file(gpt2, tmp_path):
+    import shutil
+
+    target = tmp_path / "m"
+    shutil.copytree(gpt2, target)
+    path = target / "block_01.onnx"
+    path.write_bytes(b"\x00" * path.stat().st_size)
+    with pytest.raises(StageError, match="stage 'block_01' \\(block_01.onnx\\): cannot load .*block_01.onnx"):
+        run(target, make_plan(hermes_ort.InferenceSession(target).manifest, 2, 3))
+    assert pipeline_threads() == []
+
+
+def test_interrupt_during_a_run_leaves_nothing_running(gpt2, monkeypatch):
+    real = chain.run_stage
+
+    def run_stage(stage, session, tensors):
+        if stage.name == "block_01":
+            raise KeyboardInterrupt
+        return real(stage, session, tensors)
+
+    monkeypatch.setattr(chain, "run_stage", run_stage)
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    with pytest.raises(KeyboardInterrupt):
+        run(gpt2, make_plan(manifest, 2, 4))
+    assert pipeline_threads() == []
+
+
+def test_trace_has_a_row_per_thread_and_a_span_per_load_run_destroy(gpt2, tmp_path):
+    tracer = Tracer()
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    run(gpt2, make_plan(manifest, 2, 2), tracer)
+    tracer.save(tmp_path / "trace.json")
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    threads = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert {"inference", "daemon"} <= threads and threads & {"loader-0", "loader-1"}
+    spans = [e for e in events if e["ph"] == "X"]
+    for category in ("load", "run", "destroy"):
+        assert len([e for e in spans if e["cat"] == category]) == len(manifest.stages)

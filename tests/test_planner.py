@@ -1,0 +1,65 @@
+"""The planner is pure: table rows in, plans out."""
+import pytest
+
+from hermes_ort.errors import BudgetError
+from hermes_ort.planner import default_budgets, minimum_budget, plan, plan_table, simulate
+from hermes_ort.profiles import Profile, StageCost, StageProfile
+
+MiB = 1 << 20
+
+
+def stage(name, mib, load_ms=10.0, run_ms=10.0):
+    plain = StageCost(load_ms / 1e3 * 2, load_ms / 1e3, run_ms / 1e3, mib * MiB)
+    packed = StageCost(load_ms / 1e3 * 6, load_ms / 1e3 * 5, run_ms / 1e3 * 0.8, mib * MiB)
+    return StageProfile(name, mib * MiB, plain, packed)
+
+
+def profile(*stages):
+    return Profile(base_bytes=50 * MiB, transient_bytes=2 * MiB, cores=2, compute_threads=2,
+                   disk_bytes_per_s=1e9, feed={}, stages=tuple(stages))
+
+
+MODEL = profile(stage("embeddings", 20, 2, 1), *[stage(f"block_{i:02d}", 40) for i in range(8)], stage("head", 20))
+
+
+@pytest.mark.parametrize("loads, runs, loaders, window, expected", [
+    ([1, 1, 1], [1, 1, 1], 1, 1, 6),  # window 1: load, run, load, run ...
+    ([1, 1, 1], [1, 1, 1], 1, 2, 4),  # the next load hides behind the current run
+    ([2, 2, 2], [1, 1, 1], 1, 3, 7),  # one loader is the bottleneck
+    ([2, 2, 2], [1, 1, 1], 2, 3, 5),  # two loaders share it
+    ([None, None, 1], [1, 1, 1], 1, 1, 3),  # resident stages need no load
+])
+def test_simulate(loads, runs, loaders, window, expected):
+    assert simulate(loads, runs, loaders, window) == pytest.approx(expected)
+
+
+def test_budget_below_minimum_states_the_minimum():
+    least = minimum_budget(MODEL)
+    assert least == (50 + 2 + 40) * MiB
+    with pytest.raises(BudgetError, match="below the smallest feasible plan, 92.0 MiB"):
+        plan(MODEL, least - 1)
+
+
+@pytest.mark.parametrize("budget_mib", [92, 140, 200, 300, 500])
+def test_predicted_peak_fits_the_budget(budget_mib):
+    p = plan(MODEL, budget_mib * MiB)
+    assert p.predicted_peak_bytes <= budget_mib * MiB
+    assert 1 <= p.loaders <= min(p.window, MODEL.cores)
+
+
+def test_more_memory_never_predicts_slower():
+    plans = plan_table(MODEL, default_budgets(MODEL, 10))
+    steady = [p.predicted_steady_s for p in plans]
+    assert steady == sorted(steady, reverse=True) and len(plans) == 10
+    assert len(plans[-1].resident) == len(MODEL.stages)  # the top budget keeps everything loaded
+    assert plans[0].resident == () and plans[0].window == 1
+
+
+def test_tight_budget_streams_and_overlaps_loading():
+    p = plan(MODEL, 140 * MiB)
+    assert p.window == 2 and p.predicted_first_s < simulate([0.01] * 10, [0.01] * 10, 1, 1)
+
+
+def test_prepacking_chosen_when_load_is_cheap_relative_to_run():
+    slow_compute = profile(*[stage(f"block_{i}", 10, load_ms=1, run_ms=50) for i in range(4)])
+    assert set(plan(slow_compute, 400 * MiB).prepacked) == {f"block_{i}" for i in range(4)}
