@@ -66,4 +66,6 @@ def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
         tensors.update(outputs)
         tensors = {k: v for k, v in tensors.items() if last_use.get(k, -1) > i}
         transient = max(transient, sum(v.nbytes for v in tensors.values()))
-    return Profile(base, transient, cores, threads, disk, axes, tuple(stages))
+    give_back()
+    shared_arena = max(0, rss() - base - sum(v.nbytes for v in tensors.values()))  # stays for the process
+    return Profile(base, transient + shared_arena, cores, threads, disk, axes, tuple(stages))

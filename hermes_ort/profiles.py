@@ -36,7 +36,7 @@ class Profile:
     """A model measured on one device for one input shape."""
 
     base_bytes: int  # RSS of the process before any stage is loaded (interpreter, numpy, ORT)
-    transient_bytes: int  # the largest tensors in flight between stages
+    transient_bytes: int  # the largest tensors in flight between stages, plus the shared ORT arena
     cores: int
     compute_threads: int
     disk_bytes_per_s: float  # cold sequential read measured alongside
