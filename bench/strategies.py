@@ -19,6 +19,7 @@ from hermes_ort.manifest import Manifest
 from hermes_ort.merge import merge_stages
 from hermes_ort.planner import Plan
 from hermes_ort.sessions import SessionConfig, open_stage
+from hermes_ort.templates import OwnedStage
 
 
 def whole(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple[dict, float, float]:
@@ -37,7 +38,9 @@ def whole(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple
 
 def sequential(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple[dict, float, float]:
     start = time.perf_counter()
-    outputs = run_chain(manifest, feed, lambda i: open_stage(directory, manifest.stages[i], SessionConfig()))
+    defaults = SessionConfig(optimization="all", shared_arena=False)  # ORT's own defaults, as users run it
+    outputs = run_chain(manifest, feed, lambda i: OwnedStage(manifest.stages[i],
+                                                            open_stage(directory, manifest.stages[i], defaults)))
     return outputs, time.perf_counter() - start, float("nan")
 
 

@@ -2,28 +2,35 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Mapping
+from typing import Callable, ContextManager, Mapping, Protocol
 
 import numpy as np
-import onnxruntime as ort
 
 from .manifest import Manifest
-from .sessions import run_stage
-
-SessionFor = Callable[[int], ort.InferenceSession]  # stage index -> a ready session
 
 
-def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], session_for: SessionFor,
+class Prepared(Protocol):
+    """A stage ready to run: its own session, or a shared template with its weights mapped."""
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+PreparedFor = Callable[[int], Prepared]  # stage index -> a ready stage
+
+
+def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], prepared_for: PreparedFor,
               after_run: Callable[[int], None] = lambda i: None,
               span: Callable[[int], ContextManager] = lambda i: contextlib.nullcontext()) -> dict[str, np.ndarray]:
     """Runs every stage once; returns the model outputs. Each tensor is kept once, however many stages read it."""
     tensors = dict(feed)
     last_use = manifest.last_use()
-    for i, stage in enumerate(manifest.stages):
-        session = session_for(i)
+    for i in range(len(manifest.stages)):
+        prepared = prepared_for(i)
         with span(i):
-            tensors.update(run_stage(stage, session, tensors))
-        del session
+            tensors.update(prepared.run(tensors))
+        del prepared
         after_run(i)
         for name in [n for n in tensors if last_use.get(n, -1) <= i]:
             del tensors[name]

@@ -10,10 +10,10 @@ import ctypes
 import os
 from pathlib import Path
 
-import onnxruntime as ort
-
+from .errors import StageError
 from .manifest import StageSpec
 from .sessions import SessionConfig, open_stage
+from .templates import MappedWeights, OwnedStage, Templates, TemplateStage
 
 _CHUNK = 1 << 26  # readahead caps one call's size on some kernels; 64 MiB per call
 
@@ -43,11 +43,20 @@ def read_ahead(path: Path) -> None:
             _READAHEAD(f.fileno(), offset, min(_CHUNK, size - offset))
 
 
-def prepare(directory: Path, stage: StageSpec, config: SessionConfig) -> ort.InferenceSession:
-    """Reads the stage's files ahead, then creates its session (ORT releases the GIL while it does)."""
-    for file in stage.weights:
-        read_ahead(directory / file.path)
-    return open_stage(directory, stage, config)
+def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates: Templates | None = None):
+    """A stage ready to run. Through a shared template (weights mapped and populated here) when another
+    stage shares its graph and it is not prepacked; else its own session, files read ahead first (ORT
+    releases the GIL while it creates it)."""
+    form = templates.forms.get(stage.name) if templates is not None and not config.prepacking else None
+    if form is None:
+        for file in stage.weights:
+            read_ahead(directory / file.path)
+        return OwnedStage(stage, open_stage(directory, stage, config))
+    try:
+        weights = MappedWeights(directory, form.weights)
+    except (OSError, ValueError) as e:  # a missing or truncated data file
+        raise StageError(f"{stage.describe()}: cannot map its weights: {e}") from e
+    return TemplateStage(stage, form, templates.session(form, config), weights)
 
 
 def evict(directory: Path, stage: StageSpec) -> None:

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import onnxruntime as ort
 
 from . import loading
-from .chain import run_chain
+from .chain import Prepared, run_chain
 from .errors import HermesError, StageError
 from .manifest import Manifest, StageSpec
 from .memory import give_back
 from .planner import Plan
 from .sessions import SessionConfig
+from .templates import Templates
 from .trace import NullTracer, Tracer
 
 POLL_S = 0.05  # waits wake this often so KeyboardInterrupt reaches the inference agent
@@ -38,12 +38,18 @@ class State(Enum):
 
 @dataclass
 class Resident:
-    """Sessions kept across passes, by stage index. `close()` drops them all."""
+    """What outlives a pass: prepared stages the plan keeps, by index, and the shared template sessions.
+    `close()` drops them all."""
 
-    sessions: dict[int, ort.InferenceSession] = field(default_factory=dict)
+    templates: Templates | None = None
+    stages: dict[int, Prepared] = field(default_factory=dict)
 
     def close(self) -> None:
-        self.sessions.clear()
+        for prepared in self.stages.values():
+            prepared.close()
+        self.stages.clear()
+        if self.templates is not None:
+            self.templates.close()
         give_back()
 
 
@@ -58,9 +64,9 @@ class Pipeline:
                  tracer: Tracer | None = None):
         self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
         self.tracer = tracer or NullTracer()
-        self.order = [i for i in range(len(manifest.stages)) if i not in resident.sessions]  # to load, in order
+        self.order = [i for i in range(len(manifest.stages)) if i not in resident.stages]  # to load, in order
         self.state = {i: State.WAITING for i in self.order}
-        self.ready: dict[int, ort.InferenceSession] = {}
+        self.ready: dict[int, Prepared] = {}
         self.claimed = 0  # positions of self.order handed to loaders
         self.in_window = 0  # streamed sessions loading, ready or not yet destroyed
         self.error: BaseException | None = None
@@ -82,22 +88,22 @@ class Pipeline:
             self.cond.notify_all()
         for t in self.loaders:
             t.join()
-        for i, session in list(self.ready.items()):  # prepared but never run (error or interrupt)
-            self._discard(i, session)
+        for i, prepared in list(self.ready.items()):  # prepared but never run (error or interrupt)
+            self._discard(i, prepared)
         self.ready.clear()
         self.trash.put(None)
         self.daemon.join()
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The inference agent: runs every stage in order on the caller's thread."""
-        return run_chain(self.manifest, feed, self._session_for, self._after_run, self._traced)
+        return run_chain(self.manifest, feed, self._prepared_for, self._after_run, self._traced)
 
     def _traced(self, i: int):
         return self.tracer.span(f"run {self.manifest.stages[i].name}", "run", thread="inference")
 
-    def _session_for(self, i: int) -> ort.InferenceSession:
-        if i in self.resident.sessions:
-            return self.resident.sessions[i]
+    def _prepared_for(self, i: int) -> Prepared:
+        if i in self.resident.stages:
+            return self.resident.stages[i]
         with self.cond:
             while i not in self.ready:
                 if self.error is not None:
@@ -106,21 +112,21 @@ class Pipeline:
             return self.ready[i]
 
     def _after_run(self, i: int) -> None:
-        if i in self.resident.sessions:
+        if i in self.resident.stages:
             return
         with self.cond:
-            session = self.ready.pop(i)
+            prepared = self.ready.pop(i)
             self.state[i] = State.RAN
         if self.plan.streams(self.manifest.stages[i].name):
-            self._discard(i, session)
+            self._discard(i, prepared)
         else:
-            self.resident.sessions[i] = session
+            self.resident.stages[i] = prepared
             with self.cond:  # resident stages hold no window slot once they have run
                 self.in_window -= 1
                 self.cond.notify_all()
 
-    def _discard(self, i: int, session: ort.InferenceSession) -> None:
-        self.trash.put((i, session))
+    def _discard(self, i: int, prepared: Prepared) -> None:
+        self.trash.put((i, prepared))
 
     def _claim(self) -> int | None:
         """Next stage to load, in order, once the window has room; None when there is nothing left."""
@@ -141,7 +147,8 @@ class Pipeline:
             stage = self.manifest.stages[i]
             try:
                 with self.tracer.span(f"load {stage.name}", "load"):
-                    session = loading.prepare(self.directory, stage, stage_config(self.plan, stage))
+                    prepared = loading.prepare(self.directory, stage, stage_config(self.plan, stage),
+                                               self.resident.templates)
             except BaseException as e:  # reaches the caller through _session_for, named by stage
                 with self.cond:
                     self.error = e if isinstance(e, HermesError) else StageError(
@@ -149,15 +156,16 @@ class Pipeline:
                     self.cond.notify_all()
                 return
             with self.cond:
-                self.ready[i] = session
+                self.ready[i] = prepared
                 self.state[i] = State.READY
                 self.cond.notify_all()
 
     def _daemon(self) -> None:
         while (item := self.trash.get()) is not None:
-            i, session = item
+            i, prepared = item
             with self.tracer.span(f"destroy {self.manifest.stages[i].name}", "destroy"):
-                del session, item
+                prepared.close()
+                del prepared, item
                 give_back()
             with self.cond:
                 self.in_window -= 1

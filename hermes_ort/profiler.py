@@ -13,29 +13,34 @@ from .manifest import Manifest, StageSpec
 from .memory import give_back, rss
 from .profiles import Profile, StageCost, StageProfile
 from .progress import progress
-from .sessions import SessionConfig, run_stage
+from .sessions import SessionConfig
+from .templates import Templates
 
 
-def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: SessionConfig) -> tuple[StageCost, dict]:
+def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: SessionConfig,
+                  templates: Templates) -> tuple[StageCost, dict]:
+    """bytes = what destroying the loaded, run session gives back: the stage's share of a sliding window.
+    What stays (its outputs, the shared arena's growth) is counted once for the whole model."""
     give_back()
     evict(directory, stage)
-    before = rss()
     start = time.perf_counter()
-    session = prepare(directory, stage, config)
+    prepared = prepare(directory, stage, config, templates)
     cold = time.perf_counter() - start
-    outputs = run_stage(stage, session, tensors)  # first run pays one-off costs (arena growth)
     start = time.perf_counter()
-    outputs = run_stage(stage, session, tensors)
+    outputs = prepared.run(tensors)  # the first run of a fresh stage is what streaming pays every time
     run = time.perf_counter() - start
-    grown = rss() - before
-    del session
+    loaded = rss()
+    prepared.close()
+    del prepared
     give_back()
+    held = rss()
     start = time.perf_counter()
-    session = prepare(directory, stage, config)
+    prepared = prepare(directory, stage, config, templates)
     warm = time.perf_counter() - start
-    del session
+    prepared.close()
+    del prepared
     give_back()
-    return StageCost(cold, warm, run, max(grown, 0)), outputs
+    return StageCost(cold, warm, run, max(loaded - held, 0)), outputs
 
 
 def disk_bandwidth(directory: Path, manifest: Manifest) -> float:
@@ -59,13 +64,14 @@ def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
     base = rss()
     disk = disk_bandwidth(directory, manifest)
     tensors, last_use, stages, transient = dict(feed), manifest.last_use(), [], 0
+    templates = Templates(directory, manifest)
     for i, stage in progress(enumerate(manifest.stages), len(manifest.stages), "profile", show_progress):
-        plain, outputs = measure_stage(directory, stage, tensors, SessionConfig(threads, False, False))
-        packed, _ = measure_stage(directory, stage, tensors, SessionConfig(threads, True, False))
+        plain, outputs = measure_stage(directory, stage, tensors, SessionConfig(threads, False, False), templates)
+        packed, _ = measure_stage(directory, stage, tensors, SessionConfig(threads, True, False), templates)
         stages.append(StageProfile(stage.name, stage.bytes, plain, packed))
         tensors.update(outputs)
         tensors = {k: v for k, v in tensors.items() if last_use.get(k, -1) > i}
         transient = max(transient, sum(v.nbytes for v in tensors.values()))
     give_back()
-    shared_arena = max(0, rss() - base - sum(v.nbytes for v in tensors.values()))  # stays for the process
-    return Profile(base, transient + shared_arena, cores, threads, disk, axes, tuple(stages))
+    persistent = rss() - base  # outputs still held, the shared arena's high-water mark, ORT's own state
+    return Profile(base, max(transient, persistent), cores, threads, disk, axes, tuple(stages))

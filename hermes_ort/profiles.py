@@ -14,8 +14,8 @@ PROFILE_NAME = "profile.json"
 
 @dataclass(frozen=True)
 class StageCost:
-    """One stage under one ORT setting. Times in seconds; bytes the process RSS grew while it was loaded
-    and had run once (weights mapped or copied, packed weights, ORT's arena, the outputs)."""
+    """One stage under one ORT setting. Times in seconds; bytes is the RSS its destruction gives back after
+    it was loaded and had run (weights mapped or copied, packed weights, private buffers)."""
 
     load_cold_s: float  # files evicted from the page cache, then read ahead + session created
     load_warm_s: float
@@ -36,7 +36,7 @@ class Profile:
     """A model measured on one device for one input shape."""
 
     base_bytes: int  # RSS of the process before any stage is loaded (interpreter, numpy, ORT)
-    transient_bytes: int  # the largest tensors in flight between stages, plus the shared ORT arena
+    transient_bytes: int  # what stays beside the stages: tensors in flight, the shared arena, ORT's state
     cores: int
     compute_threads: int
     disk_bytes_per_s: float  # cold sequential read measured alongside

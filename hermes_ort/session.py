@@ -18,6 +18,7 @@ from .memory import available, parse_bytes
 from .pipeline import Pipeline, Resident
 from .planner import Plan, plan
 from .profiles import Profile
+from .templates import Templates
 from .trace import Tracer
 
 _ORT_TYPES = {"float32": "float", "float64": "double", "float16": "float16", "int64": "int64",
@@ -57,7 +58,7 @@ class InferenceSession:
         budget = parse_bytes(memory_budget) if memory_budget is not None else int(available() * HEADROOM)
         self.plan = plan_override or plan(model_profile(self.directory, self.manifest), budget)
         self.tracer = tracer
-        self._resident = Resident()
+        self._resident = Resident(Templates(self.directory, self.manifest))
 
     def get_inputs(self) -> list[NodeArg]:
         return [NodeArg.of(t) for t in self.manifest.inputs]

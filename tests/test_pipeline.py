@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hermes_ort
-from hermes_ort import chain, loading
+from hermes_ort import loading
 from hermes_ort.errors import StageError
 from hermes_ort.feeds import synthetic_feed
 from hermes_ort.planner import Plan
@@ -62,7 +62,7 @@ def test_window_bounds_the_loaded_stages(gpt2, window):
 def test_resident_stages_are_not_reloaded(gpt2, monkeypatch):
     loads = []
     real = loading.prepare
-    monkeypatch.setattr(loading, "prepare", lambda d, stage, c: loads.append(stage.name) or real(d, stage, c))
+    monkeypatch.setattr(loading, "prepare", lambda d, stage, *rest: loads.append(stage.name) or real(d, stage, *rest))
     with hermes_ort.InferenceSession(gpt2, memory_budget="4GiB") as session:
         feed = synthetic_feed(session.manifest, {"sequence": 4})
         first = session.run(None, feed)
@@ -75,7 +75,7 @@ def test_resident_stages_are_not_reloaded(gpt2, monkeypatch):
 def test_small_budget_streams_every_run(gpt2, monkeypatch):
     loads = []
     real = loading.prepare
-    monkeypatch.setattr(loading, "prepare", lambda d, stage, c: loads.append(stage.name) or real(d, stage, c))
+    monkeypatch.setattr(loading, "prepare", lambda d, stage, *rest: loads.append(stage.name) or real(d, stage, *rest))
     manifest = hermes_ort.InferenceSession(gpt2).manifest
     with hermes_ort.InferenceSession(gpt2, plan_override=make_plan(manifest, 1, 2)) as session:
         feed = synthetic_feed(manifest, {"sequence": 4})
@@ -91,10 +91,10 @@ def failing_loader(monkeypatch):
     def install(stage_name, error):
         real = loading.prepare
 
-        def prepare(directory, stage, config):
+        def prepare(directory, stage, *rest):
             if stage.name == stage_name:
                 raise error
-            return real(directory, stage, config)
+            return real(directory, stage, *rest)
 
         monkeypatch.setattr(loading, "prepare", prepare)
 
@@ -123,18 +123,29 @@ def test_corrupt_stage_bytes_name_the_stage_and_file(gpt2, tmp_path):
 
 
 def test_interrupt_during_a_run_leaves_nothing_running(gpt2, monkeypatch):
-    real = chain.run_stage
+    real = loading.prepare
+    closed = []
 
-    def run_stage(stage, session, tensors):
-        if stage.name == "block_01":
+    class Interrupted:
+        def __init__(self, prepared):
+            self.prepared = prepared
+
+        def run(self, tensors):
             raise KeyboardInterrupt
-        return real(stage, session, tensors)
 
-    monkeypatch.setattr(chain, "run_stage", run_stage)
+        def close(self):
+            closed.append(True)
+            self.prepared.close()
+
+    def prepare(directory, stage, *rest):
+        prepared = real(directory, stage, *rest)
+        return Interrupted(prepared) if stage.name == "block_01" else prepared
+
+    monkeypatch.setattr(loading, "prepare", prepare)
     manifest = hermes_ort.InferenceSession(gpt2).manifest
     with pytest.raises(KeyboardInterrupt):
         run(gpt2, make_plan(manifest, 2, 4))
-    assert pipeline_threads() == []
+    assert pipeline_threads() == [] and closed == [True]
 
 
 def test_trace_has_a_row_per_thread_and_a_span_per_load_run_destroy(gpt2, tmp_path):
@@ -148,3 +159,21 @@ def test_trace_has_a_row_per_thread_and_a_span_per_load_run_destroy(gpt2, tmp_pa
     spans = [e for e in events if e["ph"] == "X"]
     for category in ("load", "run", "destroy"):
         assert len([e for e in spans if e["cat"] == category]) == len(manifest.stages)
+
+
+def test_blocks_share_one_template_session(gpt2):
+    from hermes_ort.templates import TemplateStage, Templates
+
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    templates = Templates(gpt2, manifest)
+    assert {"block_00", "block_01"} <= set(templates.forms)
+    assert templates.forms["block_00"].key == templates.forms["block_01"].key
+    assert "embeddings" not in templates.forms  # a graph no other stage has gets its own session
+    config = make_plan(manifest)
+    from hermes_ort.pipeline import stage_config
+
+    prepared = [loading.prepare(gpt2, manifest.stage(n), stage_config(config, manifest.stage(n)), templates)
+                for n in ("block_00", "block_01")]
+    assert all(isinstance(p, TemplateStage) for p in prepared) and len(templates.sessions) == 1
+    for p in prepared:
+        p.close()

@@ -10,7 +10,11 @@ import torch
 import hermes_ort
 from hermes_ort.__main__ import main as hermes
 from hermes_ort.errors import SplitError
+from hermes_ort import manifest as manifest_io
+from hermes_ort.chain import run_chain
+from hermes_ort.sessions import SessionConfig, open_stage
 from hermes_ort.split import SplitRequest, split_model
+from hermes_ort.templates import OwnedStage
 
 
 class WholeBert(torch.nn.Module):
@@ -50,10 +54,21 @@ def whole(request, torch_model, tmp_path_factory):
     return path, feed
 
 
+ORT_DEFAULTS = SessionConfig(optimization="all", prepacking=True, shared_arena=False)
+
+
 def max_diff(whole_path, model_dir, feed):
+    """Stages chained with ORT's default session options against the whole model: the split itself must
+    change nothing (0.0 when cut at block boundaries). The streaming engine, whose kernels differ
+    (no prepacking), is checked too, within fp32 noise."""
     want = ort.InferenceSession(str(whole_path)).run(None, feed)
-    got = hermes_ort.InferenceSession(model_dir).run(None, feed)
-    return max(float(np.max(np.abs(a - b))) for a, b in zip(want, got))
+    manifest = manifest_io.load(model_dir)
+    chained = run_chain(manifest, feed, lambda i: OwnedStage(manifest.stages[i], open_stage(
+        model_dir, manifest.stages[i], ORT_DEFAULTS)))
+    streamed = hermes_ort.InferenceSession(model_dir).run(None, feed)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(want, streamed)) <= 1e-5
+    return max(float(np.max(np.abs(a - chained[o.name]))) for a, o in zip(
+        want, ort.InferenceSession(str(whole_path)).get_outputs()))
 
 
 def test_split_by_block_names_is_exact(whole, tmp_path):

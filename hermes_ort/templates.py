@@ -1,0 +1,170 @@
+"""Shared templates: one ORT session for every stage with the same graph (GPT-2's 24 blocks), weights fed
+as inputs from memory-mapped data files.
+
+A fresh session per block costs its creation and a slow first run (allocations, kernel state) on the
+inference agent's critical path. A template is created once; streaming a block is then only mapping its
+weights, which the loading agent does with MAP_POPULATE (the disk read and the page-table fill happen
+there, not as page faults inside run()).
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .errors import StageError
+from .manifest import Manifest, StageSpec
+from .sessions import SessionConfig, run_stage, session_options
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A template input fed from a data file: half-open byte range [offset, offset + length)."""
+
+    input_name: str
+    location: str
+    offset: int
+    length: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """A stage graph with its tensors renamed by position and its external weights turned into inputs."""
+
+    key: str  # sha256 of the canonical graph: equal keys share one session
+    model: bytes
+    inputs: tuple[str, ...]  # the stage's global input names, in template input order
+    outputs: tuple[str, ...]
+    weights: tuple[WeightRef, ...]
+
+
+def canonicalize(directory: Path, stage: StageSpec) -> Canonical:
+    path = directory / stage.graph.path
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise StageError(f"{stage.describe()}: cannot load {path}: {e}") from e
+    graph = model.graph
+    external = [t for t in graph.initializer if t.external_data]
+    rename = {v.name: f"in_{k}" for k, v in enumerate(graph.input)}
+    rename |= {v.name: f"out_{k}" for k, v in enumerate(graph.output)}
+    rename |= {t.name: f"w_{k}" for k, t in enumerate(external)}
+    weights = tuple(weight_ref(rename[t.name], t) for t in external)
+    nodes = [renamed(n, rename) for n in graph.node]
+    inputs = [retyped(v, rename) for v in graph.input] + [
+        helper.make_tensor_value_info(w.input_name, helper.np_dtype_to_tensor_dtype(np.dtype(w.dtype)), w.shape)
+        for w in weights]
+    body = helper.make_graph(nodes, "template", inputs, [retyped(v, rename) for v in graph.output],
+                             initializer=[t for t in graph.initializer if not t.external_data])
+    template = helper.make_model(body, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                                 functions=list(model.functions)).SerializeToString()
+    return Canonical(hashlib.sha256(template).hexdigest(), template, tuple(v.name for v in graph.input),
+                     tuple(v.name for v in graph.output), weights)
+
+
+def weight_ref(name: str, tensor: onnx.TensorProto) -> WeightRef:
+    info = {e.key: e.value for e in tensor.external_data}
+    return WeightRef(name, info["location"], int(info.get("offset", 0)), int(info["length"]),
+                     helper.tensor_dtype_to_np_dtype(tensor.data_type).name, tuple(tensor.dims))
+
+
+def renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.input[:] = [rename.get(t, t) for t in node.input]
+    copy.output[:] = [rename.get(t, t) for t in node.output]
+    copy.name = ""  # node names differ between blocks and mean nothing to ORT
+    return copy
+
+
+def retyped(value: onnx.ValueInfoProto, rename: dict[str, str]) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    copy.name = rename[value.name]
+    return copy
+
+
+class Templates:
+    """The canonical form of every stage whose graph another stage shares, and their sessions (made once,
+    on first use, by whichever loading agent needs them first)."""
+
+    def __init__(self, directory: Path, manifest: Manifest):
+        forms = {s.name: canonicalize(directory, s) for s in manifest.stages}
+        counts: dict[str, int] = {}
+        for form in forms.values():
+            counts[form.key] = counts.get(form.key, 0) + 1
+        self.forms = {name: f for name, f in forms.items() if counts[f.key] > 1}
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        self.lock = threading.Lock()
+
+    def session(self, form: Canonical, config: SessionConfig) -> ort.InferenceSession:
+        with self.lock:
+            if form.key not in self.sessions:
+                self.sessions[form.key] = ort.InferenceSession(form.model, session_options(config),
+                                                               providers=["CPUExecutionProvider"])
+            return self.sessions[form.key]
+
+    def close(self) -> None:
+        self.sessions.clear()
+
+
+class MappedWeights:
+    """A stage's data files mapped with MAP_POPULATE, and numpy views of each weight in them."""
+
+    def __init__(self, directory: Path, weights: tuple[WeightRef, ...]):
+        self.maps: dict[str, mmap.mmap] = {}
+        for location in dict.fromkeys(w.location for w in weights):
+            with open(directory / location, "rb") as f:
+                self.maps[location] = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE,
+                                                prot=mmap.PROT_READ)
+        self.arrays = {w.input_name: np.frombuffer(self.maps[w.location], np.uint8, w.length, w.offset).view(
+            w.dtype).reshape(w.shape) for w in weights}
+
+    def close(self) -> None:
+        self.arrays.clear()
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages fault in during the first run
+
+
+class TemplateStage:
+    """A prepared stage run through its shared template session."""
+
+    def __init__(self, stage: StageSpec, form: Canonical, session: ort.InferenceSession, weights: MappedWeights):
+        self.stage, self.form, self.session, self.weights = stage, form, session, weights
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {f"in_{k}": tensors[name] for k, name in enumerate(self.form.inputs)} | self.weights.arrays
+        try:
+            values = self.session.run([f"out_{k}" for k in range(len(self.form.outputs))], feed)
+        except Exception as e:  # ORT's runtime errors are pybind types without a common base
+            raise StageError(f"{self.stage.describe()}: run failed: {e}") from e
+        return dict(zip(self.form.outputs, values))
+
+    def close(self) -> None:
+        self.weights.close()
+
+
+class OwnedStage:
+    """A prepared stage with a session of its own (prepacked, or a graph no other stage shares)."""
+
+    def __init__(self, stage: StageSpec, session: ort.InferenceSession):
+        self.stage, self.session = stage, session
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_stage(self.stage, self.session, tensors)
+
+    def close(self) -> None:
+        self.session = None
