@@ -28,8 +28,7 @@ class SessionConfig:
     intra_op_threads: int = 0
     prepacking: bool = True
     spinning: bool = True
-    optimization: str = "basic"  # "all" made the first run of a fresh BERT/ViT block 1.7x slower and
-    # creation 1.3x slower, for no faster steady run (BERT-large, ViT-large blocks, seq 128)
+    optimization: str = "all"
     shared_arena: bool = True  # one CPU arena for the process instead of one per session, see below
 
 
