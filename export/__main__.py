@@ -16,7 +16,8 @@ def main(argv=None) -> int:
     parser.add_argument("source", help=f"a name ({', '.join(NAMED)}) or a local transformers model folder")
     parser.add_argument("--out", required=True, help="model directory to create (replaced if it is one)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and check inputs")
-    parser.add_argument("--simplify", action="store_true", help="run onnxsim on each stage graph")
+    parser.add_argument("--no-simplify", dest="simplify", action="store_false",
+                        help="skip onnxsim (by default each stage graph keeps onnxsim's result when it has fewer nodes)")
     args = parser.parse_args(argv)
     try:
         r = export_model(args.source, args.out, seed=args.seed, simplify=args.simplify)

@@ -27,7 +27,7 @@ from hermes_ort.weights import WeightWriter, source_reader
 from .families import load_source
 from .family import Family, StagePlan
 from .onnx_stage import as_torch, export_stage, run_torch
-from .simplify import maybe_simplify
+from .simplify import simplified
 
 TOLERANCE = 1e-4
 
@@ -44,7 +44,7 @@ class ExportResult:
     max_diff: float
 
 
-def export_model(source: str, out: str | os.PathLike, seed: int = 0, simplify: bool = False,
+def export_model(source: str, out: str | os.PathLike, seed: int = 0, simplify: bool = True,
                  progress: bool = True) -> ExportResult:
     start = time.perf_counter()
     family, model, folder = load_source(source, seed)
@@ -64,7 +64,8 @@ def build_stages(family: Family, model, feed, directory: Path, simplify: bool, p
     tensors = as_torch(feed)
     writer, specs = WeightWriter(directory), []
     for plan in tqdm(family.stages(model), desc="export", unit="stage", disable=not progress):
-        graph = maybe_simplify(export_stage(plan, tensors), plan.name) if simplify else export_stage(plan, tensors)
+        graph = export_stage(plan, tensors)
+        graph = simplified(graph) if simplify else graph
         specs.append(write_stage(graph, directory, plan.name, plan.kind, writer, source_reader(directory)))
         if plan.row_slices is not None:
             writer.register_rows(*plan.row_slices)

@@ -117,3 +117,13 @@ def test_blocks_read_only_their_own_files(exported):
     block depend on block_00.data."""
     for stage in hermes_ort.InferenceSession(exported("tiny-bert").directory).manifest.stages:
         assert [w.path for w in stage.weights] == [f"{stage.name}.data"]
+
+
+def test_onnxsim_shrinks_stage_graphs(exported, tmp_path):
+    import onnx
+
+    from export.build import export_model
+
+    plain = export_model("tiny-gpt2", tmp_path / "plain", simplify=False, progress=False).directory
+    nodes = lambda d: len(onnx.load(str(d / "block_00.onnx"), load_external_data=False).graph.node)
+    assert nodes(exported("tiny-gpt2").directory) < nodes(plain)
