@@ -164,9 +164,8 @@ class Pipeline:
         while (item := self.trash.get()) is not None:
             i, prepared = item
             with self.tracer.span(f"destroy {self.manifest.stages[i].name}", "destroy"):
-                prepared.close()
+                prepared.close()  # unmaps a template stage's weights; an owned session also trims the heap
                 del prepared, item
-                give_back()
             with self.cond:
                 self.in_window -= 1
                 self.cond.notify_all()

@@ -21,6 +21,7 @@ from onnx import helper
 
 from .errors import StageError
 from .manifest import Manifest, StageSpec
+from .memory import give_back
 from .sessions import SessionConfig, run_stage, session_options
 
 
@@ -172,4 +173,6 @@ class OwnedStage:
         return run_stage(self.stage, self.session, tensors)
 
     def close(self) -> None:
+        """Drops the session and hands its freed heap back to the OS (glibc keeps it otherwise)."""
         self.session = None
+        give_back()
