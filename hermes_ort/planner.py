@@ -58,32 +58,53 @@ def simulate(loads: list[float | None], runs: list[float], loaders: int, window:
     return clock
 
 
-def window_bytes(profile: Profile, resident: set[str], window: int, prepack_streamed: bool) -> int:
+def window_bytes(profile: Profile, resident: set[str], window: int, prepacked: set[str]) -> int:
     """Memory of the streamed window: the `window` largest stages that are not resident."""
-    streamed = sorted((cost(s, prepack_streamed).bytes for s in profile.stages if s.name not in resident),
+    streamed = sorted((cost(s, s.name in prepacked).bytes for s in profile.stages if s.name not in resident),
                       reverse=True)
     return sum(streamed[:window])
 
 
-def make_plan(profile: Profile, budget: int, loaders: int, window: int, prepack_streamed: bool,
-              cold: bool) -> Plan | None:
-    """The plan with these knobs and the most useful resident set that fits, or None if nothing fits."""
-    spare = budget - profile.base_bytes - profile.transient_bytes
-    if window_bytes(profile, set(), window, prepack_streamed) > spare:
-        return None
-    resident, prepacked, used = pick_resident(profile, spare, cold,
-                                              lambda r: window_bytes(profile, r, window, prepack_streamed))
-    if prepack_streamed:
-        prepacked |= {s.name for s in profile.stages if s.name not in resident}
+def timings(profile: Profile, resident: set[str], prepacked: set[str], loaders: int, window: int,
+            cold: bool) -> tuple[float, float]:
+    """Predicted (first run, later runs)."""
     load = lambda s: cost(s, s.name in prepacked).load_cold_s if cold else cost(s, s.name in prepacked).load_warm_s
     runs = [cost(s, s.name in prepacked).run_s for s in profile.stages]
     first = simulate([load(s) for s in profile.stages], runs, loaders, window)
     steady = simulate([None if s.name in resident else load(s) for s in profile.stages], runs, loaders, window)
+    return first, steady
+
+
+def make_plan(profile: Profile, budget: int, loaders: int, window: int, cold: bool) -> Plan | None:
+    """The plan with these knobs, the most useful resident set that fits, and prepacking where it pays;
+    None if nothing fits."""
+    spare = budget - profile.base_bytes - profile.transient_bytes
+    if window_bytes(profile, set(), window, set()) > spare:
+        return None
+    resident, prepacked, used = pick_resident(profile, spare, cold,
+                                              lambda r: window_bytes(profile, r, window, set()))
+    prepacked = prepack_where_faster(profile, resident, prepacked, spare - used, loaders, window, cold)
+    first, steady = timings(profile, resident, prepacked, loaders, window, cold)
     names = [s.name for s in profile.stages]
-    peak = profile.base_bytes + profile.transient_bytes + used + window_bytes(profile, resident, window,
-                                                                                prepack_streamed)
+    peak = profile.base_bytes + profile.transient_bytes + used + window_bytes(profile, resident, window, prepacked)
     return Plan(budget, loaders, window, tuple(n for n in names if n in resident),
                 tuple(n for n in names if n in prepacked), profile.compute_threads, first, steady, peak)
+
+
+def prepack_where_faster(profile: Profile, resident: set[str], prepacked: set[str], spare: int, loaders: int,
+                         window: int, cold: bool) -> set[str]:
+    """Greedy over streamed stages, largest run-time saving first: prepack one when the simulation says
+    the runs get faster (its slower load hidden behind compute) and the window still fits."""
+    best = sum(timings(profile, resident, prepacked, loaders, window, cold))
+    streamed = [s for s in profile.stages if s.name not in resident and s.prepacked.run_s < s.plain.run_s]
+    for s in sorted(streamed, key=lambda s: s.plain.run_s - s.prepacked.run_s, reverse=True):
+        trial = prepacked | {s.name}
+        if window_bytes(profile, resident, window, trial) > spare:
+            continue
+        score = sum(timings(profile, resident, trial, loaders, window, cold))
+        if score < best * 0.99:
+            prepacked, best = trial, score
+    return prepacked
 
 
 def pick_resident(profile: Profile, spare: int, cold: bool,
@@ -112,8 +133,7 @@ def plan(profile: Profile, budget: int, cold: bool = False) -> Plan:
             f"process base {format_bytes(profile.base_bytes)} + tensors in flight "
             f"{format_bytes(profile.transient_bytes)} + largest stage "
             f"{format_bytes(max(s.plain.bytes for s in profile.stages))}")
-    candidates = [make_plan(profile, budget, loaders, window, packed, cold)
-                  for packed in (False, True)
+    candidates = [make_plan(profile, budget, loaders, window, cold)
                   for window in range(1, min(MAX_WINDOW, len(profile.stages)) + 1)
                   for loaders in range(1, min(window, profile.cores) + 1)]
     return min((p for p in candidates if p), key=lambda p: (round(p.predicted_steady_s, 4),

@@ -63,3 +63,14 @@ def test_tight_budget_streams_and_overlaps_loading():
 def test_prepacking_chosen_when_load_is_cheap_relative_to_run():
     slow_compute = profile(*[stage(f"block_{i}", 10, load_ms=1, run_ms=50) for i in range(4)])
     assert set(plan(slow_compute, 400 * MiB).prepacked) == {f"block_{i}" for i in range(4)}
+
+
+def test_prepacks_only_the_streamed_stage_where_it_pays():
+    """Blocks gain little from prepacking; a head whose run drops a lot is prepacked while blocks run."""
+    head = StageProfile("head", 40 * MiB, StageCost(0.004, 0.002, 0.030, 40 * MiB),
+                        StageCost(0.040, 0.035, 0.010, 44 * MiB))
+    block = lambda i: StageProfile(f"block_{i:02d}", 40 * MiB, StageCost(0.004, 0.002, 0.010, 40 * MiB),
+                                   StageCost(0.040, 0.035, 0.0099, 40 * MiB))  # a 1% gain for a 17x load
+    blocks = [block(i) for i in range(6)]
+    p = plan(profile(*blocks, head), 200 * MiB)
+    assert p.prepacked == ("head",) and p.resident == ()
