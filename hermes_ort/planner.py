@@ -15,6 +15,8 @@ from .memory import format_bytes
 from .profiles import Profile, StageCost, StageProfile
 
 MAX_WINDOW = 8  # wider windows buy nothing once loading hides behind compute
+MARGIN = 0.03  # share of the budget kept free for what the profile cannot see (heap fragmentation, stacks)
+MIN_PREPACK_GAIN = 0.10  # prepack a streamed stage only for a run-time saving above profiling noise
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,12 @@ def cost(stage: StageProfile, prepacked: bool) -> StageCost:
 
 def minimum_budget(profile: Profile) -> int:
     """The smallest budget any plan meets: one loader, window 1, nothing resident, no prepacking."""
-    return profile.base_bytes + profile.transient_bytes + max(s.plain.bytes for s in profile.stages)
+    need = profile.base_bytes + profile.transient_bytes + max(s.plain.bytes for s in profile.stages)
+    return int(need / (1 - MARGIN)) + 1
+
+
+def usable(budget: int) -> int:
+    return int(budget * (1 - MARGIN))
 
 
 def simulate(loads: list[float | None], runs: list[float], loaders: int, window: int) -> float:
@@ -78,7 +85,7 @@ def timings(profile: Profile, resident: set[str], prepacked: set[str], loaders: 
 def make_plan(profile: Profile, budget: int, loaders: int, window: int, cold: bool) -> Plan | None:
     """The plan with these knobs, the most useful resident set that fits, and prepacking where it pays;
     None if nothing fits."""
-    spare = budget - profile.base_bytes - profile.transient_bytes
+    spare = usable(budget) - profile.base_bytes - profile.transient_bytes
     if window_bytes(profile, set(), window, set()) > spare:
         return None
     resident, prepacked, used = pick_resident(profile, spare, cold,
@@ -96,7 +103,8 @@ def prepack_where_faster(profile: Profile, resident: set[str], prepacked: set[st
     """Greedy over streamed stages, largest run-time saving first: prepack one when the simulation says
     the runs get faster (its slower load hidden behind compute) and the window still fits."""
     best = sum(timings(profile, resident, prepacked, loaders, window, cold))
-    streamed = [s for s in profile.stages if s.name not in resident and s.prepacked.run_s < s.plain.run_s]
+    streamed = [s for s in profile.stages
+                if s.name not in resident and s.prepacked.run_s < (1 - MIN_PREPACK_GAIN) * s.plain.run_s]
     for s in sorted(streamed, key=lambda s: s.plain.run_s - s.prepacked.run_s, reverse=True):
         trial = prepacked | {s.name}
         if window_bytes(profile, resident, window, trial) > spare:
@@ -132,7 +140,7 @@ def plan(profile: Profile, budget: int, cold: bool = False) -> Plan:
             f"budget {format_bytes(budget)} is below the smallest feasible plan, {format_bytes(least)}: "
             f"process base {format_bytes(profile.base_bytes)} + tensors in flight "
             f"{format_bytes(profile.transient_bytes)} + largest stage "
-            f"{format_bytes(max(s.plain.bytes for s in profile.stages))}")
+            f"{format_bytes(max(s.plain.bytes for s in profile.stages))} + {MARGIN:.0%} margin")
     candidates = [make_plan(profile, budget, loaders, window, cold)
                   for window in range(1, min(MAX_WINDOW, len(profile.stages)) + 1)
                   for loaders in range(1, min(window, profile.cores) + 1)]
@@ -150,6 +158,7 @@ def plan_table(profile: Profile, budgets: list[int], cold: bool = False) -> list
 def default_budgets(profile: Profile, count: int = 8) -> list[int]:
     """From the minimum to everything resident (prepacked), geometrically."""
     low = minimum_budget(profile)
-    high = profile.base_bytes + profile.transient_bytes + sum(s.prepacked.bytes for s in profile.stages)
+    high = int((profile.base_bytes + profile.transient_bytes + sum(s.prepacked.bytes for s in profile.stages))
+               / (1 - MARGIN)) + 1
     ratio = (high / low) ** (1 / max(count - 1, 1))
     return [int(low * ratio ** k) + 1 for k in range(count)]
