@@ -64,6 +64,17 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak() -> bool:
+    """Restart the kernel's peak-RSS count (VmHWM) from the current RSS, so the peak of one step can be
+    read; False where the OS does not allow it (then peaks are lifetime peaks)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def available() -> int:
     """Memory the device can give this process without swapping, in bytes."""
     return psutil.virtual_memory().available

@@ -10,7 +10,7 @@ import numpy as np
 
 from .loading import evict, prepare
 from .manifest import Manifest, StageSpec
-from .memory import give_back, rss
+from .memory import give_back, peak_rss, reset_peak, rss
 from .profiles import Profile, StageCost, StageProfile
 from .progress import progress
 from .sessions import SessionConfig
@@ -19,17 +19,19 @@ from .templates import Templates
 
 def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: SessionConfig,
                   templates: Templates) -> tuple[StageCost, dict]:
-    """bytes = what destroying the loaded, run session gives back: the stage's share of a sliding window.
-    What stays (its outputs, the shared arena's growth) is counted once for the whole model."""
+    """bytes = the RSS the stage needs at its peak (while its session is created, prepacking holds the
+    mapped and the packed weights at once) less what stays after it is destroyed (its outputs, the shared
+    arena's growth: counted once for the whole model)."""
     give_back()
     evict(directory, stage)
+    exact_peak = reset_peak()
     start = time.perf_counter()
     prepared = prepare(directory, stage, config, templates)
     cold = time.perf_counter() - start
     start = time.perf_counter()
     outputs = prepared.run(tensors)  # the first run of a fresh stage is what streaming pays every time
     run = time.perf_counter() - start
-    loaded = rss()
+    loaded = peak_rss() if exact_peak else rss()
     prepared.close()
     del prepared
     give_back()
