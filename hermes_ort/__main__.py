@@ -58,9 +58,14 @@ def cmd_run(args) -> None:
     from .session import InferenceSession
     from .trace import Tracer
 
-    tracer = Tracer() if args.trace else None
     from . import manifest as manifest_io
+    from .profiles import PROFILE_NAME
+
+    tracer = Tracer() if args.trace else None
     budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
+    if not (Path(args.model_dir) / PROFILE_NAME).is_file():
+        print(f"hermes: no {PROFILE_NAME} in {args.model_dir}: planning from file sizes; "
+              f"`hermes profile {args.model_dir}` measures a better plan", file=sys.stderr)
     start = time.perf_counter()
     with InferenceSession(args.model_dir, memory_budget=budget, tracer=tracer) as session:
         feed = dict(np.load(args.inputs)) if args.inputs else synthetic_feed(session.manifest, axes(args))

@@ -93,3 +93,21 @@ def test_peak_is_not_inherited_from_a_large_parent():
 
     child = fresh_process("import json; from hermes_ort.memory import peak_rss; print(json.dumps({'peak': peak_rss()}))")
     assert child["peak"] < 150 * MiB
+
+
+def test_cli_run_reads_inputs_from_npz(small, tmp_path):
+    import numpy as np
+
+    import hermes_ort
+    from hermes_ort.feeds import synthetic_feed
+
+    directory, _ = small
+    with hermes_ort.InferenceSession(directory) as session:
+        feed = synthetic_feed(session.manifest, {"sequence": 9}, seed=3)
+        want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    np.savez(tmp_path / "in.npz", **feed)
+    out = subprocess.run([sys.executable, "-m", "hermes_ort", "run", str(directory), "--inputs",
+                          str(tmp_path / "in.npz"), "--out", str(tmp_path / "out.npz")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = np.load(tmp_path / "out.npz")
+    assert np.array_equal(got["logits"], want["logits"]) and got["logits"].shape[1] == 9
