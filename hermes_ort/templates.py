@@ -104,11 +104,12 @@ class Templates:
     Gemm(transB=1) ran 3x slower with the weight as an input (hermes profile, gpt2-medium)."""
 
     def __init__(self, directory: Path, manifest: Manifest):
-        forms = {s.name: canonicalize(directory, s) for s in manifest.stages}
+        self.canonical = {s.name: canonicalize(directory, s) for s in manifest.stages}
         counts: dict[str, int] = {}
-        for form in forms.values():
+        for form in self.canonical.values():
             counts[form.key] = counts.get(form.key, 0) + 1
-        self.forms = {name: f for name, f in forms.items() if counts[f.key] > 1 and not f.transposes_weights}
+        self.forms = {name: f for name, f in self.canonical.items()
+                      if counts[f.key] > 1 and not f.transposes_weights}
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.lock = threading.Lock()
 
