@@ -18,6 +18,7 @@ from .sessions import SessionConfig, open_stage
 from .templates import MappedWeights, OwnedStage, Templates, TemplateStage
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_CHUNK = 8 << 20  # read ahead 8 MiB at a time: the transient mapping adds at most that to peak RSS
 
 
 def read_ahead(path: Path, start: int = 0, length: int | None = None) -> None:
@@ -30,8 +31,10 @@ def read_ahead(path: Path, start: int = 0, length: int | None = None) -> None:
             return
         if _POPULATE:
             aligned = start - start % mmap.ALLOCATIONGRANULARITY
-            mmap.mmap(f.fileno(), length + start - aligned, flags=mmap.MAP_SHARED | _POPULATE,
-                      prot=mmap.PROT_READ, offset=aligned).close()
+            end = start + length
+            for chunk in range(aligned, end, _CHUNK):  # a mapping counts in RSS while it exists
+                mmap.mmap(f.fileno(), min(_CHUNK, end - chunk), flags=mmap.MAP_SHARED | _POPULATE,
+                          prot=mmap.PROT_READ, offset=chunk).close()
             return
         f.seek(start)  # no MAP_POPULATE (not Linux): read through a small buffer
         buffer = bytearray(1 << 22)
