@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from .errors import HermesError
 from .manifest import Manifest, StageSpec
 
 
@@ -19,7 +20,7 @@ def renamed_stage(directory: Path, stage: StageSpec) -> onnx.GraphProto:
     rename = lambda n: n if (not n or n in boundary) else f"{stage.name}/{n}"
     for node in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise NotImplementedError(f"{stage.describe()}: merging graphs with subgraphs is not supported")
+            raise HermesError(f"{stage.describe()}: merging stages whose graphs have subgraphs is not supported")
         node.name = f"{stage.name}/{node.name}"
         node.input[:] = [rename(n) for n in node.input]
         node.output[:] = [rename(n) for n in node.output]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Mapping
 
@@ -27,13 +26,6 @@ from .templates import Templates
 from .trace import NullTracer, Tracer
 
 POLL_S = 0.05  # waits wake this often so KeyboardInterrupt reaches the inference agent
-
-
-class State(Enum):
-    WAITING = "waiting"
-    LOADING = "loading"
-    READY = "ready"
-    RAN = "ran"
 
 
 @dataclass
@@ -65,7 +57,6 @@ class Pipeline:
         self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
         self.tracer = tracer or NullTracer()
         self.order = [i for i in range(len(manifest.stages)) if i not in resident.stages]  # to load, in order
-        self.state = {i: State.WAITING for i in self.order}
         self.ready: dict[int, Prepared] = {}
         self.claimed = 0  # positions of self.order handed to loaders
         self.in_window = 0  # streamed sessions loading, ready or not yet destroyed
@@ -116,7 +107,6 @@ class Pipeline:
             return
         with self.cond:
             prepared = self.ready.pop(i)
-            self.state[i] = State.RAN
         if self.plan.streams(self.manifest.stages[i].name):
             self._discard(i, prepared)
         else:
@@ -139,7 +129,6 @@ class Pipeline:
             i = self.order[self.claimed]
             self.claimed += 1
             self.in_window += 1
-            self.state[i] = State.LOADING
             return i
 
     def _loader(self) -> None:
@@ -157,7 +146,6 @@ class Pipeline:
                 return
             with self.cond:
                 self.ready[i] = prepared
-                self.state[i] = State.READY
                 self.cond.notify_all()
 
     def _daemon(self) -> None:
