@@ -25,7 +25,7 @@ from hermes_ort.stage_files import write_stage
 from hermes_ort.weights import WeightWriter, source_reader
 
 from .families import load_source
-from .family import Family, StagePlan
+from .family import Family
 from .onnx_stage import as_torch, export_stage, run_torch
 from .simplify import simplified
 

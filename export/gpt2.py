@@ -121,7 +121,6 @@ def gemm_on_stored_weight(weight: np.ndarray):
 
 
 def stages(model) -> list[StagePlan]:
-    n = model.config.n_layer
     plans = [StagePlan("embeddings", "embeddings", Embeddings(model), ("input_ids", "position_ids"),
                        ("hidden.0",), {"input_ids": {0: B, 1: S}, "position_ids": {0: B, 1: S},
                                        "hidden.0": {0: B, 1: S}})]

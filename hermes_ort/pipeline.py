@@ -73,7 +73,7 @@ class Pipeline:
             t.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
@@ -84,6 +84,8 @@ class Pipeline:
         self.ready.clear()
         self.trash.put(None)
         self.daemon.join()
+        if exc_type is None and self.error is not None:  # a stage failed to close after the last run
+            raise self.error
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The inference agent: runs every stage in order on the caller's thread."""
@@ -138,7 +140,7 @@ class Pipeline:
                 with self.tracer.span(f"load {stage.name}", "load"):
                     prepared = loading.prepare(self.directory, stage, stage_config(self.plan, stage),
                                                self.resident.templates)
-            except BaseException as e:  # reaches the caller through _session_for, named by stage
+            except BaseException as e:  # reaches the caller through _prepared_for, named by stage
                 with self.cond:
                     self.error = e if isinstance(e, HermesError) else StageError(
                         f"{stage.describe()}: loading failed: {type(e).__name__}: {e}")
@@ -151,9 +153,15 @@ class Pipeline:
     def _daemon(self) -> None:
         while (item := self.trash.get()) is not None:
             i, prepared = item
-            with self.tracer.span(f"destroy {self.manifest.stages[i].name}", "destroy"):
-                prepared.close()  # unmaps a template stage's weights; an owned session also trims the heap
+            stage = self.manifest.stages[i]
+            try:
+                with self.tracer.span(f"destroy {stage.name}", "destroy"):
+                    prepared.close()  # unmaps a template stage's weights; an owned session also trims the heap
+            except BaseException as e:  # reaches the caller like a loading failure; the slot is freed anyway
+                with self.cond:
+                    self.error = self.error or StageError(f"{stage.describe()}: closing failed: {e}")
+            finally:
                 del prepared, item
-            with self.cond:
-                self.in_window -= 1
-                self.cond.notify_all()
+                with self.cond:
+                    self.in_window -= 1
+                    self.cond.notify_all()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -59,6 +60,7 @@ class InferenceSession:
         self.plan = plan_override or plan(model_profile(self.directory, self.manifest), budget)
         self.tracer = tracer
         self._resident = Resident(Templates(self.directory, self.manifest))
+        self._one_run_at_a_time = threading.Lock()  # passes share the resident stages and templates
 
     def get_inputs(self) -> list[NodeArg]:
         return [NodeArg.of(t) for t in self.manifest.inputs]
@@ -70,7 +72,8 @@ class InferenceSession:
             run_options=None) -> list[np.ndarray]:
         names = self._output_names(output_names)
         feed = check_feed(self.manifest, input_feed)
-        with Pipeline(self.directory, self.manifest, self.plan, self._resident, self.tracer) as pipeline:
+        with self._one_run_at_a_time, Pipeline(self.directory, self.manifest, self.plan, self._resident,
+                                               self.tracer) as pipeline:
             outputs = pipeline.run(feed)
         return [outputs[n] for n in names]
 

@@ -177,3 +177,26 @@ def test_blocks_share_one_template_session(gpt2):
     assert all(isinstance(p, TemplateStage) for p in prepared) and len(templates.sessions) == 1
     for p in prepared:
         p.close()
+
+
+def test_failure_while_closing_a_stage_reaches_the_caller(gpt2, monkeypatch):
+    real = loading.prepare
+
+    class BrokenClose:
+        def __init__(self, prepared):
+            self.prepared = prepared
+
+        def run(self, tensors):
+            return self.prepared.run(tensors)
+
+        def close(self):
+            self.prepared.close()
+            raise BufferError("cannot close exported pointers exist")
+
+    monkeypatch.setattr(loading, "prepare", lambda d, stage, *rest: BrokenClose(real(d, stage, *rest))
+                        if stage.name == "block_00" else real(d, stage, *rest))
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    for loaders, window in [(1, 1), (2, 6)]:  # with a wide window every later stage may be ready already
+        with pytest.raises(StageError, match="stage 'block_00' .*closing failed"):
+            run(gpt2, make_plan(manifest, loaders, window))
+        assert pipeline_threads() == []
