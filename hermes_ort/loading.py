@@ -48,9 +48,10 @@ def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates:
     releases the GIL while it creates it)."""
     form = templates.forms.get(stage.name) if templates is not None and not config.prepacking else None
     if form is None:
-        if templates is not None:  # just the byte ranges its weights occupy (a head part: its rows of wte)
-            for w in templates.canonical[stage.name].weights:
-                read_ahead(directory / w.location, w.offset, w.length)
+        if templates is not None:  # just the byte ranges its weights occupy (a head part: its rows of wte);
+            for w in templates.canonical[stage.name].weights:  # embedding tables are looked up, not read
+                if not w.looked_up:
+                    read_ahead(directory / w.location, w.offset, w.length)
         else:
             for file in stage.weights:
                 read_ahead(directory / file.path)

@@ -35,6 +35,7 @@ class WeightRef:
     length: int
     dtype: str
     shape: tuple[int, ...]
+    looked_up: bool = False  # only ever a Gather's table: a run reads a few rows, not the whole tensor
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def canonicalize(directory: Path, stage: StageSpec) -> Canonical:
     rename = {v.name: f"in_{k}" for k, v in enumerate(graph.input)}
     rename |= {v.name: f"out_{k}" for k, v in enumerate(graph.output)}
     rename |= {t.name: f"w_{k}" for k, t in enumerate(external)}
-    weights = tuple(weight_ref(rename[t.name], t) for t in external)
+    tables = lookup_tables(graph)
+    weights = tuple(weight_ref(rename[t.name], t, t.name in tables) for t in external)
     nodes = [renamed(n, rename) for n in graph.node]
     inputs = [retyped(v, rename) for v in graph.input] + [
         helper.make_tensor_value_info(w.input_name, helper.np_dtype_to_tensor_dtype(np.dtype(w.dtype)), w.shape)
@@ -76,10 +78,19 @@ def canonicalize(directory: Path, stage: StageSpec) -> Canonical:
                      tuple(v.name for v in graph.output), weights, transposes)
 
 
-def weight_ref(name: str, tensor: onnx.TensorProto) -> WeightRef:
+def weight_ref(name: str, tensor: onnx.TensorProto, looked_up: bool) -> WeightRef:
     info = {e.key: e.value for e in tensor.external_data}
     return WeightRef(name, info["location"], int(info.get("offset", 0)), int(info["length"]),
-                     helper.tensor_dtype_to_np_dtype(tensor.data_type).name, tuple(tensor.dims))
+                     helper.tensor_dtype_to_np_dtype(tensor.data_type).name, tuple(tensor.dims), looked_up)
+
+
+def lookup_tables(graph: onnx.GraphProto) -> set[str]:
+    """Tensors read only as the data of a Gather (embedding tables)."""
+    uses: dict[str, set[str]] = {}
+    for n in graph.node:
+        for k, t in enumerate(n.input):
+            uses.setdefault(t, set()).add("table" if n.op_type == "Gather" and k == 0 else "other")
+    return {t for t, kinds in uses.items() if kinds == {"table"}}
 
 
 def renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:

@@ -200,3 +200,12 @@ def test_failure_while_closing_a_stage_reaches_the_caller(gpt2, monkeypatch):
         with pytest.raises(StageError, match="stage 'block_00' .*closing failed"):
             run(gpt2, make_plan(manifest, loaders, window))
         assert pipeline_threads() == []
+
+
+def test_embedding_tables_are_not_read_ahead(gpt2):
+    from hermes_ort.templates import Templates
+
+    templates = Templates(gpt2, hermes_ort.InferenceSession(gpt2).manifest)
+    embeddings = {w.shape: w.looked_up for w in templates.canonical["embeddings"].weights}
+    assert embeddings == {(2048, 64): True, (128, 64): True}  # wte and wpe: a run reads a few rows
+    assert not any(w.looked_up for w in templates.canonical["head_00"].weights)  # the head reads all of its rows
