@@ -209,3 +209,17 @@ def test_embedding_tables_are_not_read_ahead(gpt2):
     embeddings = {w.shape: w.looked_up for w in templates.canonical["embeddings"].weights}
     assert embeddings == {(2048, 64): True, (128, 64): True}  # wte and wpe: a run reads a few rows
     assert not any(w.looked_up for w in templates.canonical["head_00"].weights)  # the head reads all of its rows
+
+
+def test_file_missing_at_run_time_names_stage_and_file(gpt2, tmp_path):
+    import shutil
+
+    target = tmp_path / "m"
+    shutil.copytree(gpt2, target)
+    session = hermes_ort.InferenceSession(target, plan_override=make_plan(
+        hermes_ort.InferenceSession(target).manifest, 2, 3))
+    (target / "block_01.data").unlink()  # after the manifest was checked: a disk or a user removed it
+    with pytest.raises(StageError, match="stage 'block_01' .*block_01.data"):
+        session.run(None, synthetic_feed(session.manifest, {"sequence": 4}))
+    assert pipeline_threads() == []
+    session.close()
