@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hermes_ort.generate import step_feed
+
 from .family import Case, Family, StagePlan
 
 B, S, T, P = "batch", "sequence", "total_sequence", "past_sequence"
@@ -142,13 +144,6 @@ def empty_past(config, batch: int, length: int = 0, rng=None) -> dict[str, np.nd
     shape = (batch, config.n_head, length, config.n_embd // config.n_head)
     make = (lambda: rng.standard_normal(shape).astype(np.float32)) if rng else (lambda: np.zeros(shape, np.float32))
     return {f"past.{i}.{kv}": make() for i in range(config.n_layer) for kv in ("key", "value")}
-
-
-def step_feed(ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
-    """Model inputs for tokens ids [B, S] after past_len cached positions."""
-    b, s = ids.shape
-    return {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(past_len, past_len + s), (b, s)).copy(),
-            "attention_mask": np.ones((b, past_len + s), np.int64), **past}
 
 
 def trace_feed(model, rng) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .errors import HermesError
-from .memory import format_bytes, parse_budget
+from .memory import format_bytes, parse_budget, peak_rss
 
 
 def cmd_split(args) -> None:
@@ -54,7 +54,6 @@ def cmd_run(args) -> None:
     import numpy as np
 
     from .feeds import synthetic_feed
-    from .memory import peak_rss
     from .session import InferenceSession
     from .trace import Tracer
 
@@ -82,6 +81,28 @@ def cmd_run(args) -> None:
     if tracer:
         tracer.save(args.trace)
         print(f"trace -> {args.trace}")
+
+
+def cmd_generate(args) -> None:
+    import numpy as np
+
+    from . import manifest as manifest_io
+    from .generate import generate
+    from .session import InferenceSession
+
+    budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
+    try:
+        prompt = np.array([[int(t) for t in args.ids.split(",")]], np.int64)
+    except ValueError:
+        raise HermesError(f"--ids must be comma-separated token ids, got {args.ids!r}") from None
+    start = time.perf_counter()
+    with InferenceSession(args.model_dir, memory_budget=budget) as session:
+        ids = generate(session, prompt, args.max_new_tokens, args.eos)
+    seconds = time.perf_counter() - start
+    new = ids.shape[1] - prompt.shape[1]
+    print(",".join(str(t) for t in ids[0, prompt.shape[1]:]))
+    print(f"{new} tokens in {seconds:.2f} s ({new / seconds:.2f} tokens/s), peak RSS {format_bytes(peak_rss())}",
+          file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,6 +140,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="write the outputs to this .npz")
     run.add_argument("--trace", help="write a Chrome trace-event JSON (Perfetto, chrome://tracing)")
     run.set_defaults(func=cmd_run)
+
+    gen = sub.add_parser("generate", help="greedy decoding with a KV cache (GPT-2 exports)")
+    gen.add_argument("model_dir")
+    gen.add_argument("--ids", required=True, help="prompt token ids, comma-separated")
+    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--eos", type=int, help="stop when this token id is produced")
+    gen.add_argument("--budget", help=budget_help + " (default: a share of available memory)")
+    gen.set_defaults(func=cmd_generate)
     return p
 
 
