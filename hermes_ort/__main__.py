@@ -42,8 +42,10 @@ def cmd_plan(args) -> None:
     from .report import plan_rows, plan_text
     from .session import model_profile
 
+    from .templates import Templates
+
     manifest = manifest_io.load(args.model_dir)
-    profile = model_profile(Path(args.model_dir), manifest)
+    profile = model_profile(Path(args.model_dir), manifest, Templates(Path(args.model_dir), manifest))
     if args.budget:
         print(plan_text(plan(profile, parse_budget(args.budget, manifest.bytes), args.cold)))
     else:
@@ -63,7 +65,7 @@ def cmd_run(args) -> None:
     tracer = Tracer() if args.trace else None
     budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
     if not (Path(args.model_dir) / PROFILE_NAME).is_file():
-        print(f"hermes: no {PROFILE_NAME} in {args.model_dir}: planning from file sizes; "
+        print(f"hermes: no {PROFILE_NAME} in {args.model_dir}: planning from weight sizes; "
               f"`hermes profile {args.model_dir}` measures a better plan", file=sys.stderr)
     start = time.perf_counter()
     with InferenceSession(args.model_dir, memory_budget=budget, tracer=tracer) as session:

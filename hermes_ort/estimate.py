@@ -1,4 +1,4 @@
-"""A profile estimated from file sizes, for a model directory that `hermes profile` has not measured yet.
+"""A profile estimated from weight sizes, for a model directory that `hermes profile` has not measured yet.
 
 Deliberately pessimistic on memory (weights plus ORT's arena, prepacking doubling them) and rough on
 time; `hermes profile DIR` replaces it with measurements.
@@ -10,17 +10,23 @@ import os
 from .manifest import Manifest
 from .memory import rss
 from .profiles import Profile, StageCost, StageProfile
+from .templates import Templates
 
 ARENA_BYTES = 32 << 20  # ORT's CPU arena and activations per session at sequence 128 (hermes profile)
 LOAD_BYTES_PER_S = 1e9
 RUN_BYTES_PER_S = 2e9
 
 
-def estimate_profile(manifest: Manifest) -> Profile:
+def estimate_profile(manifest: Manifest, templates: Templates) -> Profile:
+    """Each stage costs the bytes its weights occupy (not whole shared files; embedding tables, which a
+    run only looks up, at a tenth)."""
+
     def stage(s) -> StageProfile:
-        load, run = s.bytes / LOAD_BYTES_PER_S, s.bytes / RUN_BYTES_PER_S
-        plain = StageCost(load, load, run, int(s.bytes * 1.1) + ARENA_BYTES)
-        packed = StageCost(3 * load, 3 * load, 0.85 * run, int(s.bytes * 2.1) + ARENA_BYTES)
+        weights = templates.canonical[s.name].weights
+        size = s.graph.bytes + sum(w.length // 10 if w.looked_up else w.length for w in weights)
+        load, run = size / LOAD_BYTES_PER_S, size / RUN_BYTES_PER_S
+        plain = StageCost(load, load, run, int(size * 1.1) + ARENA_BYTES)
+        packed = StageCost(3 * load, 3 * load, 0.85 * run, int(size * 2.1) + ARENA_BYTES)
         return StageProfile(s.name, s.bytes, plain, packed)
 
     cores = os.cpu_count() or 1

@@ -40,11 +40,11 @@ class NodeArg:
         return cls(spec.name, f"tensor({_ORT_TYPES.get(spec.dtype, spec.dtype)})", list(spec.shape))
 
 
-def model_profile(directory: Path, manifest: manifest_io.Manifest) -> Profile:
-    """profile.json when `hermes profile` has measured the model, else an estimate from file sizes."""
+def model_profile(directory: Path, manifest: manifest_io.Manifest, templates: Templates) -> Profile:
+    """profile.json when `hermes profile` has measured the model, else an estimate from weight sizes."""
     if (directory / profiles.PROFILE_NAME).is_file():
         return profiles.load(directory)
-    return estimate_profile(manifest)
+    return estimate_profile(manifest, templates)
 
 
 class InferenceSession:
@@ -57,9 +57,10 @@ class InferenceSession:
         self.directory = Path(model_dir)
         self.manifest = manifest_io.load(self.directory)
         budget = parse_bytes(memory_budget) if memory_budget is not None else int(available() * HEADROOM)
-        self.plan = plan_override or plan(model_profile(self.directory, self.manifest), budget)
+        templates = Templates(self.directory, self.manifest)
+        self.plan = plan_override or plan(model_profile(self.directory, self.manifest, templates), budget)
         self.tracer = tracer
-        self._resident = Resident(Templates(self.directory, self.manifest))
+        self._resident = Resident(templates)
         self._one_run_at_a_time = threading.Lock()  # passes share the resident stages and templates
 
     def get_inputs(self) -> list[NodeArg]:
