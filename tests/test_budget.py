@@ -132,3 +132,30 @@ def test_split_streams_weights_tensor_by_tensor(small, tmp_path):
     result = fresh_process(SPLIT_PEAK, whole, tmp_path / "split")
     assert result["bytes"] > 100 * MiB
     assert result["peak"] - result["base"] < result["bytes"] / 3  # the largest tensor is wte: 16 MiB
+
+
+ESTIMATED_RUN = """
+import json, sys
+from pathlib import Path
+from hermes_ort import InferenceSession, manifest
+from hermes_ort.estimate import estimate_profile
+from hermes_ort.feeds import synthetic_feed
+from hermes_ort.memory import peak_rss
+from hermes_ort.planner import minimum_budget
+from hermes_ort.templates import Templates
+m = manifest.load(sys.argv[1])
+budget = minimum_budget(estimate_profile(m, Templates(Path(sys.argv[1]), m))) + 8 * 2**20
+with InferenceSession(sys.argv[1], memory_budget=budget) as s:
+    s.run(None, synthetic_feed(m))
+print(json.dumps({"peak": peak_rss(), "budget": budget, "streamed": len(m.stages) - len(s.plan.resident)}))
+"""
+
+
+def test_unprofiled_model_stays_within_the_estimated_plans_budget(small, tmp_path):
+    import shutil
+
+    directory, _ = small
+    target = tmp_path / "unprofiled"
+    shutil.copytree(directory, target, ignore=shutil.ignore_patterns("profile.json", "whole_model.onnx"))
+    result = fresh_process(ESTIMATED_RUN, target)
+    assert result["streamed"] > 0 and result["peak"] <= result["budget"]
