@@ -2,7 +2,8 @@
 
 Measured on block_05 of GPT-2 medium / BERT-large / ViT-large (each stage loaded with and without
 onnxsim, ORT session created five times): nodes 248 -> 110, 87 -> 54, 79 -> 41; session creation
-up to 15% faster; steady run unchanged; dynamic batch and sequence axes kept (the export's own check runs other shapes than traced).
+up to 15% faster; steady run unchanged; dynamic batch and sequence axes kept (the export's own check
+runs other shapes than it traced).
 """
 from __future__ import annotations
 
