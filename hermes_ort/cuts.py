@@ -55,10 +55,17 @@ def by_cut_tensors(nodes: list[Node], cuts: list[str]) -> list[int]:
     unknown = [t for t in cuts if t not in made]
     if unknown:
         raise SplitError(f"cut tensors {unknown} are produced by no node of the graph")
-    stages = [len(cuts)] * len(nodes)
+    stages, before = [len(cuts)] * len(nodes), [ancestors(nodes, made, t) for t in cuts]
     for k in reversed(range(len(cuts))):
-        for i in ancestors(nodes, made, cuts[k]):
+        for i in before[k]:
             stages[i] = k
+    for k, tensor in enumerate(cuts):
+        if k not in stages:  # everything cut k needs is in an earlier stage already
+            earlier = next(cuts[j] for j in range(k) if made[tensor] in before[j])
+            raise SplitError(f"cut tensor '{tensor}' adds no stage: it is computed before (or is) '{earlier}', "
+                             f"which is cut earlier; give cut tensors in graph order, each once")
+    if len(cuts) not in stages:
+        raise SplitError(f"nothing is left after cut tensor '{cuts[-1]}': cut before the model's last node")
     return stages
 
 

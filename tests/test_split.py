@@ -95,6 +95,29 @@ def test_split_at_named_tensors(whole, tmp_path):
     assert max_diff(path, tmp_path / "m", feed) == 0.0
 
 
+def test_split_at_two_named_tensors_gives_three_stages(whole, tmp_path, capsys):
+    """Regression: two --cut tensors gave two stages, silently, when one stage came out empty."""
+    path, feed = whole
+    blocks = [s.outputs[0].name for s in split_model(path, tmp_path / "auto").stages if s.kind == "block"]
+    args = ["split", str(path), "--out", str(tmp_path / "m"), "--cut", blocks[0], "--cut", blocks[1]]
+    assert hermes(args) == 0 and "3 stages" in capsys.readouterr().out
+    manifest = manifest_io.load(tmp_path / "m")
+    assert [blocks[k] in [t.name for t in manifest.stages[k].outputs] for k in (0, 1)] == [True, True]
+    assert max_diff(path, tmp_path / "m", feed) == 0.0
+
+
+@pytest.mark.parametrize("order", ["reversed", "repeated", "last"])
+def test_cuts_that_add_no_stage_are_refused(whole, tmp_path, order):
+    path, _ = whole
+    auto = split_model(path, tmp_path / "auto")
+    first, second = [s.outputs[0].name for s in auto.stages if s.kind == "block"][:2]
+    cuts, named = {"reversed": ((second, first), first), "repeated": ((first, first), first),
+                   "last": ((first, auto.outputs[-1].name), "nothing is left")}[order]
+    with pytest.raises(SplitError, match=named):
+        split_model(path, tmp_path / "m", SplitRequest(cuts=cuts))
+    assert not (tmp_path / "m").exists()
+
+
 def test_split_reads_external_data_source(whole, tmp_path):
     path, feed = whole
     model = onnx.load(str(path))
