@@ -148,8 +148,12 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
 def check_flow(manifest: Manifest) -> None:
     """Every stage input must exist before the stage runs, every model output must be produced."""
     available = {t.name for t in manifest.inputs}
+    producer = {t.name: s for s in manifest.stages for t in s.outputs}
     for s in manifest.stages:
         missing = [t.name for t in s.inputs if t.name not in available]
+        later = [f"'{t}' from {producer[t].describe()}" for t in missing if t in producer]
+        if later:
+            raise ManifestError(f"{s.describe()} reads {', '.join(later)}, which runs after it")
         if missing:
             raise ManifestError(f"{s.describe()}: inputs {missing} are neither model inputs nor earlier outputs")
         available |= {t.name for t in s.outputs}

@@ -81,6 +81,26 @@ def test_stage_input_nobody_produces(model_dir):
                          model_dir)
 
 
+def test_stage_reading_a_later_stages_output_names_both(model_dir):
+    manifest = manifest_io.load(model_dir)
+    first, second = manifest.stages[1], manifest.stages[2]  # block_00 reads what block_01 makes
+    broken = dataclasses.replace(first, inputs=(*first.inputs, second.outputs[0]))
+    with pytest.raises(ManifestError, match=f"stage 'block_00' .* reads '{second.outputs[0].name}' from stage "
+                                            "'block_01' .*runs after it"):
+        manifest_io.save(dataclasses.replace(manifest, stages=(manifest.stages[0], broken, *manifest.stages[2:])),
+                         model_dir)
+    assert manifest_io.load(model_dir) == manifest  # the refused manifest was not written
+
+
+def test_corrupt_graph_found_at_first_load_after_the_session_opened(model_dir):
+    session = hermes_ort.InferenceSession(model_dir, memory_budget="4GiB")
+    path = model_dir / "embeddings.onnx"  # read by ORT when the stage is first loaded
+    path.write_bytes(b"\xff" * path.stat().st_size)
+    with pytest.raises(StageError, match="stage 'embeddings' \\(embeddings.onnx\\): cannot load .*embeddings.onnx"):
+        session.run(None, feed())
+    session.close()
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda f: f.pop("token_type_ids"), "missing inputs \\['token_type_ids'\\]"),
     (lambda f: f.update(pixels=np.zeros(1)), "unknown inputs \\['pixels'\\]"),
