@@ -1,7 +1,7 @@
 """hermes-ort: run Transformer models larger than memory by streaming per-block ONNX stages through ORT."""
 from .errors import BudgetError, HermesError, InputError, ManifestError, SplitError, StageError
-from .generate import generate
+from .generate import generate, stream
 from .session import InferenceSession
 
-__all__ = ["InferenceSession", "generate", "HermesError", "ManifestError", "InputError", "StageError", "BudgetError",
+__all__ = ["InferenceSession", "generate", "stream", "HermesError", "ManifestError", "InputError", "StageError", "BudgetError",
            "SplitError"]

@@ -22,10 +22,11 @@ PreparedFor = Callable[[int], Prepared]  # stage index -> a ready stage
 
 def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], prepared_for: PreparedFor,
               after_run: Callable[[int], None] = lambda i: None,
-              span: Callable[[int], ContextManager] = lambda i: contextlib.nullcontext()) -> dict[str, np.ndarray]:
+              span: Callable[[int], ContextManager] = lambda i: contextlib.nullcontext(),
+              last_use: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Runs every stage once; returns the model outputs. Each tensor is kept once, however many stages read it."""
     tensors = dict(feed)
-    last_use = manifest.last_use()
+    last_use = last_use or manifest.last_use()
     for i in range(len(manifest.stages)):
         prepared = prepared_for(i)
         with span(i):

@@ -1,76 +1,67 @@
-"""Greedy decoding through streamed stages, with the KV cache passed between steps as plain tensors.
+"""hermes_ort.generate / hermes_ort.stream: greedy decoding with the KV cache through streamed stages.
 
-Works on any manifest that takes input_ids, position_ids, attention_mask and `past.<i>.key/value`
-and gives logits and `present.<i>.key/value` (what `python -m export gpt2...` writes). The first step
-runs the prompt with an empty past; every later step runs one token per row against the cache.
+One pipeline serves the whole generation: its loading agents prepare the streamed stages of the next
+step while the current one runs, and its exit (at the end, on error, on interrupt, or when a caller
+closes the stream) joins every thread. Resident stages stay with the session for later generations.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import os
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .manifest import Manifest, TensorSpec
+from .decoding import CacheLayout, Decoder, check_prompt, step_feed  # noqa: F401  (step_feed: export's feeds)
 from .session import InferenceSession
 
-DECODER_INPUTS = ("input_ids", "position_ids", "attention_mask")
+Model = InferenceSession | str | os.PathLike
 
 
-@dataclass(frozen=True)
-class CacheLayout:
-    """Which model inputs are the KV cache, and the output that feeds each of them on the next step."""
-
-    past: tuple[TensorSpec, ...]
-    present_for: dict[str, str]  # past input name -> present output name
-
-    @classmethod
-    def of(cls, manifest: Manifest) -> "CacheLayout":
-        names = {t.name for t in manifest.inputs}
-        outputs = {t.name for t in manifest.outputs}
-        past = tuple(t for t in manifest.inputs if t.name.startswith("past."))
-        present_for = {t.name: "present." + t.name[len("past."):] for t in past}
-        missing = [n for n in DECODER_INPUTS if n not in names] + [
-            p for p in ("logits", *present_for.values()) if p not in outputs]
-        if not past or missing:
-            raise InputError(f"generate needs a decoder exported with its KV cache (inputs {list(DECODER_INPUTS)} "
-                             f"and past.<i>.key/value, outputs logits and present.<i>.*); this model lacks "
-                             f"{missing or ['past.* inputs']}")
-        return cls(past, present_for)
-
-    def empty(self, batch: int) -> dict[str, np.ndarray]:
-        """A cache of length 0: [batch, heads, 0, head_dim] per past input."""
-        return {t.name: np.zeros((batch, *(d if isinstance(d, int) else 0 for d in t.shape[1:])), t.dtype)
-                for t in self.past}
+@contextlib.contextmanager
+def opened(model: Model, memory_budget: int | str | None) -> Iterator[InferenceSession]:
+    """The caller's session as is, or a session over a model directory, closed afterwards."""
+    if isinstance(model, InferenceSession):
+        yield model
+        return
+    with InferenceSession(model, memory_budget=memory_budget) as session:
+        yield session
 
 
-def step_feed(ids: np.ndarray, past: dict[str, np.ndarray], past_length: int) -> dict[str, np.ndarray]:
-    """Inputs for tokens ids [B, S] that follow past_length cached positions."""
-    batch, length = ids.shape
-    positions = np.broadcast_to(np.arange(past_length, past_length + length, dtype=np.int64), (batch, length))
-    return {"input_ids": ids, "position_ids": positions.copy(),
-            "attention_mask": np.ones((batch, past_length + length), np.int64), **past}
+def eos_ids(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
+    if eos_token_id is None:
+        return np.zeros(0, np.int64)
+    return np.atleast_1d(np.asarray(eos_token_id, np.int64))
 
 
-def generate(session: InferenceSession, input_ids: np.ndarray, max_new_tokens: int,
-             eos_token_id: int | None = None) -> np.ndarray:
-    """Prompt ids [B, S] (int64, no padding) -> [B, S + n] with n <= max_new_tokens greedy tokens. A row
-    that has produced eos_token_id keeps producing it; decoding stops when every row has."""
-    layout = CacheLayout.of(session.manifest)
-    ids = np.asarray(input_ids, dtype=np.int64)
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise InputError(f"input_ids must be [batch, sequence] with sequence > 0, got shape {list(ids.shape)}")
-    names = [o.name for o in session.get_outputs()]
-    past, step, done = layout.empty(ids.shape[0]), ids, np.zeros(ids.shape[0], bool)
-    for _ in range(max_new_tokens):
-        out = dict(zip(names, session.run(None, step_feed(step, past, ids.shape[1] - step.shape[1]))))
-        token = out["logits"][:, -1].argmax(-1)  # [B]
-        if eos_token_id is not None:
-            token = np.where(done, eos_token_id, token)
-            done |= token == eos_token_id
-        ids = np.concatenate([ids, token[:, None]], axis=1)
-        past = {name: out[present] for name, present in layout.present_for.items()}
-        step = token[:, None]
-        if eos_token_id is not None and done.all():
-            break
-    return ids
+def stream(model: Model, input_ids: np.ndarray, max_new_tokens: int, *, attention_mask: np.ndarray | None = None,
+           eos_token_id: int | Sequence[int] | None = None,
+           memory_budget: int | str | None = None) -> Iterator[np.ndarray]:
+    """Yields the next greedy token of every row, [B] int64, step by step. Prompts [B, S] are LEFT-padded
+    (attention_mask 0 on pads). A row that has produced an eos id keeps producing it; the stream ends
+    after max_new_tokens steps or when every row has."""
+    with opened(model, memory_budget) as session:
+        layout = CacheLayout.of(session.manifest)
+        ids, mask = check_prompt(input_ids, attention_mask, max_new_tokens, layout)
+        if max_new_tokens == 0:
+            return
+        eos, done = eos_ids(eos_token_id), np.zeros(ids.shape[0], bool)
+        with session.engine() as engine:
+            decoder = Decoder(engine, layout, ids, mask)
+            logits = decoder.prefill()
+            for n in range(max_new_tokens):
+                token = np.where(done, eos[0] if eos.size else 0, logits.argmax(-1))
+                done |= np.isin(token, eos)
+                yield token
+                if done.all() or n == max_new_tokens - 1:
+                    return
+                logits = decoder.step(token)
+
+
+def generate(model: Model, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+             *, attention_mask: np.ndarray | None = None, memory_budget: int | str | None = None) -> np.ndarray:
+    """Prompt ids [B, S] -> [B, S + n], n <= max_new_tokens greedy tokens; arguments as for stream()."""
+    ids = np.asarray(input_ids)
+    tokens = list(stream(model, ids, max_new_tokens, attention_mask=attention_mask, eos_token_id=eos_token_id,
+                         memory_budget=memory_budget))
+    return np.concatenate([ids.astype(np.int64), *[t[:, None] for t in tokens]], axis=1)

@@ -1,9 +1,11 @@
 """PipeLoad: loading agents prepare the next stages while the inference agent runs the current one, and a
 daemon destroys each streamed session as soon as its stage has run.
 
-One Pipeline serves one pass over the stages and is a context manager: its exit joins every thread and
-drops every session it made, on success, on error and on KeyboardInterrupt. Stages the plan keeps
-resident are handed to a `Resident` store that outlives the pass, so the next pass skips them.
+A Pipeline is a context manager: its exit joins every thread and drops every session it made, on
+success, on error and on KeyboardInterrupt. It serves one pass over the stages, or (`passes=None`, for
+decoding) as many passes as `run()` is called, the loaders running ahead into the next pass: the window
+wraps from the head back to block 0. Stages the plan keeps resident are handed to a `Resident` store
+that outlives the pipeline, so later passes and later pipelines skip them.
 """
 from __future__ import annotations
 
@@ -51,14 +53,34 @@ def stage_config(plan: Plan, stage: StageSpec) -> SessionConfig:
                          spinning=False)
 
 
+class Schedule:
+    """What loaders load, position by position: the stages not yet resident, in order, then (for `passes=None`)
+    the streamed stages again and again."""
+
+    def __init__(self, first: list[int], cycle: list[int], passes: int | None):
+        self.first, self.cycle = first, cycle if passes is None else []
+
+    def __getitem__(self, position: int) -> int | None:
+        if position < len(self.first):
+            return self.first[position]
+        if not self.cycle:
+            return None
+        return self.cycle[(position - len(self.first)) % len(self.cycle)]
+
+
 class Pipeline:
     def __init__(self, directory: Path, manifest: Manifest, plan: Plan, resident: Resident,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, passes: int | None = 1):
         self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
         self.tracer = tracer or NullTracer()
-        self.order = [i for i in range(len(manifest.stages)) if i not in resident.stages]  # to load, in order
-        self.ready: dict[int, Prepared] = {}
-        self.claimed = 0  # positions of self.order handed to loaders
+        count = range(len(manifest.stages))
+        self.schedule = Schedule([i for i in count if i not in resident.stages],
+                                 [i for i in count if plan.streams(manifest.stages[i].name)], passes)
+        self.last_use = manifest.last_use()
+        self.ready: dict[int, Prepared] = {}  # by schedule position
+        self.claimed = 0  # schedule positions handed to loaders
+        self.used = 0  # schedule positions the inference agent has taken
+        self.running: dict[int, int] = {}  # stage index -> schedule position, while it runs
         self.in_window = 0  # streamed sessions loading, ready or not yet destroyed
         self.error: BaseException | None = None
         self.stopping = False
@@ -79,8 +101,8 @@ class Pipeline:
             self.cond.notify_all()
         for t in self.loaders:
             t.join()
-        for i, prepared in list(self.ready.items()):  # prepared but never run (error or interrupt)
-            self._discard(i, prepared)
+        for position, prepared in list(self.ready.items()):  # prepared but never run (error, interrupt, the
+            self._discard(self.schedule[position], prepared)  # next pass of a finished generation)
         self.ready.clear()
         self.trash.put(None)
         self.daemon.join()
@@ -88,8 +110,8 @@ class Pipeline:
             raise self.error
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The inference agent: runs every stage in order on the caller's thread."""
-        return run_chain(self.manifest, feed, self._prepared_for, self._after_run, self._traced)
+        """The inference agent: one pass over every stage, in order, on the caller's thread."""
+        return run_chain(self.manifest, feed, self._prepared_for, self._after_run, self._traced, self.last_use)
 
     def _traced(self, i: int):
         return self.tracer.span(f"run {self.manifest.stages[i].name}", "run", thread="inference")
@@ -97,18 +119,22 @@ class Pipeline:
     def _prepared_for(self, i: int) -> Prepared:
         if i in self.resident.stages:
             return self.resident.stages[i]
+        position = self.used
+        assert self.schedule[position] == i, "the inference agent runs stages in schedule order"
+        self.used += 1
+        self.running[i] = position
         with self.cond:
-            while i not in self.ready:
+            while position not in self.ready:
                 if self.error is not None:
                     raise self.error
                 self.cond.wait(POLL_S)
-            return self.ready[i]
+            return self.ready[position]
 
     def _after_run(self, i: int) -> None:
-        if i in self.resident.stages:
+        if i not in self.running:
             return
         with self.cond:
-            prepared = self.ready.pop(i)
+            prepared = self.ready.pop(self.running.pop(i))
         if self.plan.streams(self.manifest.stages[i].name):
             self._discard(i, prepared)
         else:
@@ -120,21 +146,23 @@ class Pipeline:
     def _discard(self, i: int, prepared: Prepared) -> None:
         self.trash.put((i, prepared))
 
-    def _claim(self) -> int | None:
-        """Next stage to load, in order, once the window has room; None when there is nothing left."""
+    def _claim(self) -> tuple[int, int] | None:
+        """(schedule position, stage index) to load next once the window has room; None when there is
+        nothing left or the pipeline stops."""
         with self.cond:
-            while not self.stopping and self.error is None and self.claimed < len(self.order) and (
+            while not self.stopping and self.error is None and self.schedule[self.claimed] is not None and (
                     self.in_window >= self.plan.window):
                 self.cond.wait(POLL_S)
-            if self.stopping or self.error is not None or self.claimed >= len(self.order):
+            i = self.schedule[self.claimed]
+            if self.stopping or self.error is not None or i is None:
                 return None
-            i = self.order[self.claimed]
             self.claimed += 1
             self.in_window += 1
-            return i
+            return self.claimed - 1, i
 
     def _loader(self) -> None:
-        while (i := self._claim()) is not None:
+        while (claim := self._claim()) is not None:
+            position, i = claim
             stage = self.manifest.stages[i]
             try:
                 with self.tracer.span(f"load {stage.name}", "load"):
@@ -147,7 +175,7 @@ class Pipeline:
                     self.cond.notify_all()
                 return
             with self.cond:
-                self.ready[i] = prepared
+                self.ready[position] = prepared
                 self.cond.notify_all()
 
     def _daemon(self) -> None:

@@ -1,11 +1,12 @@
 """hermes_ort.InferenceSession: the onnxruntime.InferenceSession API over a directory of streamed stages."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -77,6 +78,14 @@ class InferenceSession:
                                                self.tracer) as pipeline:
             outputs = pipeline.run(feed)
         return [outputs[n] for n in names]
+
+    @contextlib.contextmanager
+    def engine(self, plan: Plan | None = None) -> Iterator[Pipeline]:
+        """A pipeline kept across passes (one generation): its loaders run ahead into the next pass.
+        Exclusive while open; its exit joins its threads (resident stages stay, as after run())."""
+        with self._one_run_at_a_time, Pipeline(self.directory, self.manifest, plan or self.plan, self._resident,
+                                               self.tracer, passes=None) as pipeline:
+            yield pipeline
 
     def close(self) -> None:
         """Drops the resident sessions."""

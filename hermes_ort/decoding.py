@@ -1,0 +1,116 @@
+"""One generation's state through streamed stages: the KV cache layout, left-padded prompts, each step's feed.
+
+Works on any manifest that takes input_ids, position_ids, attention_mask and `past.<i>.key/value` and
+gives logits and `present.<i>.key/value` (what `python -m export gpt2...` writes). Prompts of different
+lengths share one batch LEFT-padded, as transformers batches GPT-2: the mask marks real tokens and
+position ids count them (`cumsum(mask) - 1`, pads at 1), so each row gets the tokens it gets alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .errors import InputError
+from .manifest import Manifest, TensorSpec
+
+DECODER_INPUTS = ("input_ids", "position_ids", "attention_mask")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Which model inputs are the KV cache, and the output that feeds each of them on the next step."""
+
+    past: tuple[TensorSpec, ...]
+    present_for: dict[str, str]  # past input name -> present output name
+    max_positions: int | None  # the model's position table, when the config states it
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "CacheLayout":
+        names = {t.name for t in manifest.inputs}
+        outputs = {t.name for t in manifest.outputs}
+        past = tuple(t for t in manifest.inputs if t.name.startswith("past."))
+        present_for = {t.name: "present." + t.name[len("past."):] for t in past}
+        missing = [n for n in DECODER_INPUTS if n not in names] + [
+            p for p in ("logits", *present_for.values()) if p not in outputs]
+        if not past or missing:
+            raise InputError(f"generate needs a decoder exported with its KV cache (inputs {list(DECODER_INPUTS)} "
+                             f"and past.<i>.key/value, outputs logits and present.<i>.*); this model lacks "
+                             f"{missing or ['past.* inputs']}")
+        config = manifest.config
+        return cls(past, present_for, config.get("n_positions") or config.get("max_position_embeddings"))
+
+    def empty(self, batch: int) -> dict[str, np.ndarray]:
+        """A cache of length 0: [batch, heads, 0, head_dim] per past input."""
+        return {t.name: np.zeros((batch, *(d if isinstance(d, int) else 0 for d in t.shape[1:])), t.dtype)
+                for t in self.past}
+
+    def bytes(self, batch: int, length: int) -> int:
+        """The cache at `length` positions: batch x layers x 2 x heads x length x head_dim x itemsize."""
+        return sum(batch * length * int(np.prod([d for d in t.shape[1:] if isinstance(d, int)]))
+                   * np.dtype(t.dtype).itemsize for t in self.past)
+
+
+def step_feed(ids: np.ndarray, past: dict[str, np.ndarray], past_length: int) -> dict[str, np.ndarray]:
+    """Inputs for unpadded tokens ids [B, S] that follow past_length cached positions."""
+    batch, length = ids.shape
+    positions = np.broadcast_to(np.arange(past_length, past_length + length, dtype=np.int64), (batch, length))
+    return {"input_ids": ids, "position_ids": positions.copy(),
+            "attention_mask": np.ones((batch, past_length + length), np.int64), **past}
+
+
+def check_prompt(input_ids, attention_mask, max_new_tokens: int, layout: CacheLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) as int64 [B, S]; refuses what would decode wrongly, naming the row or the limit."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"input_ids must be integer [batch, sequence] with both > 0, got {ids.dtype} "
+                         f"{list(ids.shape)}")
+    mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask has shape {list(mask.shape)} but input_ids has {list(ids.shape)}")
+    if not np.isin(mask, (0, 1)).all():
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+    for row in np.flatnonzero((np.diff(mask, axis=1) < 0).any(axis=1) | (mask[:, -1] == 0)):
+        raise InputError(f"row {row} of attention_mask is padded on the right; pad prompts on the LEFT")
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if layout.max_positions and ids.shape[1] + max_new_tokens > layout.max_positions:
+        raise InputError(f"a prompt of {ids.shape[1]} positions plus {max_new_tokens} new tokens exceeds the "
+                         f"model's {layout.max_positions} positions")
+    return ids.astype(np.int64, copy=False), mask.astype(np.int64, copy=False)
+
+
+def prompt_positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids of a left-padded prompt: each row counts its own tokens from 0; pads get 1."""
+    return np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+
+
+class Engine(Protocol):
+    """A pipeline kept across passes: one call of run() is one pass over the stages."""
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Decoder:
+    """Prefill, then one token per row per step; returns each step's last-position logits [B, vocab]."""
+
+    def __init__(self, engine: Engine, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray):
+        self.engine, self.layout, self.ids, self.mask = engine, layout, ids, mask
+        self.past: dict[str, np.ndarray] = {}
+
+    def prefill(self) -> np.ndarray:
+        return self._run({"input_ids": self.ids, "position_ids": prompt_positions(self.mask),
+                          "attention_mask": self.mask, **self.layout.empty(self.ids.shape[0])})
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feeds tokens [B] at the next position of each row."""
+        positions = self.mask.sum(axis=1, keepdims=True)  # [B, 1]: each row's count of real tokens
+        self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), np.int64)], axis=1)
+        return self._run({"input_ids": tokens.reshape(-1, 1).astype(np.int64), "position_ids": positions,
+                          "attention_mask": self.mask, **self.past})
+
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        out = self.engine.run(feed)
+        self.past = {name: out[present] for name, present in self.layout.present_for.items()}
+        return out["logits"][:, -1]
