@@ -20,7 +20,8 @@ budget = int(sys.argv[2])
 with InferenceSession(sys.argv[1], memory_budget=budget) as s:
     s.run(None, synthetic_feed(s.manifest))
     s.run(None, synthetic_feed(s.manifest))
-print(json.dumps({"peak": peak_rss(), "window": s.plan.window, "resident": len(s.plan.resident)}))
+print(json.dumps({"peak": peak_rss(), "window": s.plan.window, "resident": len(s.plan.resident),
+                  "predicted": s.plan.predicted_peak_bytes}))
 """
 PEAK_OF_WHOLE = """
 import json, sys
@@ -56,6 +57,8 @@ def test_peak_rss_stays_within_the_budget(small, extra_mib):
     budget = minimum_budget(profile) + extra_mib * MiB
     result = fresh_process(PEAK_OF_RUN, directory, budget)
     assert result["peak"] <= budget, f"peak {format_bytes(result['peak'])} over budget {format_bytes(budget)}"
+    # the plan's own prediction holds too (2% for noise), so a wider window than planned shows
+    assert result["peak"] <= 1.02 * result["predicted"], f"peak {format_bytes(result['peak'])} over predicted"
 
 
 def test_the_budget_is_below_what_whole_model_ort_needs(small):
@@ -85,6 +88,23 @@ def test_cli_run_writes_outputs_and_trace(small, tmp_path):
     table = subprocess.run([sys.executable, "-m", "hermes_ort", "plan", str(directory)], capture_output=True,
                            text=True)
     assert table.returncode == 0 and len(table.stdout.strip().splitlines()) >= 4
+
+
+def test_budget_as_a_share_of_the_model_through_plan_and_run(small, tmp_path):
+    """`--budget N%` means N% of the model's bytes on disk, in `hermes plan` and in `hermes run` alike."""
+    directory, profile = small
+    model_bytes = manifest_io.load(directory).bytes
+    share = -(-(minimum_budget(profile) + 48 * MiB) * 100 // model_bytes)  # a feasible share, in whole percent
+    budget = format_bytes(share * model_bytes // 100)
+    plan = subprocess.run([sys.executable, "-m", "hermes_ort", "plan", str(directory), "--budget", f"{share}%"],
+                          capture_output=True, text=True)
+    assert plan.returncode == 0 and f"budget {budget}" in plan.stdout, plan.stdout + plan.stderr
+    run = subprocess.run([sys.executable, "-m", "hermes_ort", "run", str(directory), "--budget", f"{share}%"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and f"(budget {budget};" in run.stdout, run.stderr
+    low = subprocess.run([sys.executable, "-m", "hermes_ort", "run", str(directory), "--budget", "25%"],
+                         capture_output=True, text=True)
+    assert low.returncode == 2 and f"budget {format_bytes(model_bytes // 4)} is below" in low.stderr
 
 
 def test_peak_is_not_inherited_from_a_large_parent():

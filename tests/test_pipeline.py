@@ -9,6 +9,7 @@ import hermes_ort
 from hermes_ort import loading
 from hermes_ort.errors import StageError
 from hermes_ort.feeds import synthetic_feed
+from hermes_ort.pipeline import stage_config
 from hermes_ort.planner import Plan
 from hermes_ort.trace import Tracer
 
@@ -57,6 +58,60 @@ def test_window_bounds_the_loaded_stages(gpt2, window):
     assert set(loaded) == set(freed) == {s.name for s in manifest.stages}
     alive_at = lambda t: sum(loaded[n] <= t < freed[n] for n in loaded)
     assert max(alive_at(t) for t in loaded.values()) <= window
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_loading_overlaps_compute_and_fills_the_window(gpt2, monkeypatch, window):
+    """Stage i may run only once the next window - 1 stages have loaded, so a pipeline that never loads
+    ahead times out; the stages alive at once then reach the window."""
+    real, cond, loaded, alive, most = loading.prepare, threading.Condition(), [], set(), [0]
+    names = [s.name for s in hermes_ort.InferenceSession(gpt2).manifest.stages]
+
+    class WaitsForTheNextStages:
+        def __init__(self, name, prepared):
+            self.name, self.prepared = name, prepared
+
+        def run(self, tensors):
+            ahead = names[names.index(self.name) + 1:names.index(self.name) + window]
+            with cond:
+                assert cond.wait_for(lambda: set(ahead) <= set(loaded), timeout=10), (
+                    f"{self.name} ran while {ahead} were not loaded: loading does not overlap compute")
+            return self.prepared.run(tensors)
+
+        def close(self):
+            with cond:
+                alive.discard(self.name)
+            self.prepared.close()
+
+    def prepare(directory, stage, *rest):
+        prepared = WaitsForTheNextStages(stage.name, real(directory, stage, *rest))
+        with cond:
+            loaded.append(stage.name)
+            alive.add(stage.name)
+            most[0] = max(most[0], len(alive))
+            cond.notify_all()
+        return prepared
+
+    monkeypatch.setattr(loading, "prepare", prepare)
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    run(gpt2, make_plan(manifest, loaders=2, window=window))
+    assert most[0] == window and sorted(loaded) == sorted(names)  # two loaders may finish out of order
+
+
+def test_embedding_tables_are_looked_up_not_read_ahead(gpt2, monkeypatch):
+    """Reading ahead wte would cost its whole size for the few rows a run looks up; a head part reads the
+    rows of wte it multiplies by."""
+    reads = []
+    monkeypatch.setattr(loading, "read_ahead", lambda path, start=0, length=None: reads.append((path.name, length)))
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    head = next(s for s in manifest.stages if s.kind == "head")
+    with hermes_ort.InferenceSession(gpt2, plan_override=make_plan(manifest, 1, 2)) as session:
+        templates = session._resident.templates
+        for stage in (manifest.stage("embeddings"), head):
+            loading.prepare(gpt2, stage, stage_config(session.plan, stage), templates).close()
+            reads.append(stage.name)
+    assert reads[0] == "embeddings"  # nothing read ahead for it
+    assert reads[1:] and all(r[0] == "embeddings.data" and r[1] > 0 for r in reads[1:-1]) and reads[-1] == head.name
 
 
 def test_resident_stages_are_not_reloaded(gpt2, monkeypatch):

@@ -48,6 +48,13 @@ def test_predicted_peak_fits_the_budget(budget_mib):
     assert 1 <= p.loaders <= min(p.window, MODEL.cores)
 
 
+def test_plans_keep_three_percent_of_the_budget_free():
+    """The margin covers what the profile cannot see; a planner that spends it shows in some budget."""
+    budgets = range(95 * MiB, 500 * MiB, MiB // 2)
+    assert all(plan(MODEL, b).predicted_peak_bytes <= 0.97 * b for b in budgets)
+    assert any(plan(MODEL, b).predicted_peak_bytes > 0.95 * b for b in budgets)  # the margin is what binds
+
+
 def test_more_memory_never_predicts_slower():
     plans = plan_table(MODEL, default_budgets(MODEL, 10))
     steady = [p.predicted_steady_s for p in plans]
