@@ -1,9 +1,17 @@
-"""python -m bench.generate MODEL_DIR [--budget 25%] [--tokens 32]: greedy decoding, whole-model ORT vs hermes
-at the budget, each in a fresh process; prints one table (time to first token, tokens/s after it, peak RSS)."""
+"""python -m bench.generate MODEL_DIR... [--budgets 100%,50%,25%] [--batches 1,8] [--tokens 32]: greedy decoding
+with a KV cache, each strategy in a fresh process (peak RSS is a lifetime figure), warm page cache. One table:
+
+whole             whole-model ORT (the stages merged into one graph), default session options, KV cache
+hermes            hermes_ort.stream at the budget (the generation plan: decode profile, KV cache inside it)
+stream-everything load, run and free every block every token with one block of lookahead (one loader,
+                  window 2, a fresh ORT session per stage, nothing resident): what other streaming tools do
+floor             max(whole-model step, bytes hermes streams per token / page-cache bandwidth of this run)
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import subprocess
 import sys
 import time
@@ -13,75 +21,159 @@ import numpy as np
 import onnxruntime as ort
 
 from hermes_ort import manifest as manifest_io
-from hermes_ort.generate import CacheLayout, step_feed
+from hermes_ort.decoding import CacheLayout, Decoder, check_prompt
 from hermes_ort.memory import format_bytes, parse_budget, peak_rss
+from hermes_ort.planner import Plan
 from hermes_ort.report import table
 
+from .machine import describe
 from .strategies import prepare_whole
 
-PROMPT = np.arange(1, 33, dtype=np.int64)[None, :]  # 32 prompt tokens
+PROMPT = 32
 
 
 class WholeModel:
-    """The merged whole-model graph behind the two calls generate() makes of a session."""
+    """The merged whole-model graph as the engine a Decoder steps."""
 
     def __init__(self, directory: Path):
-        self.manifest = manifest_io.load(directory)
         self.session = ort.InferenceSession(str(directory / "whole_model.onnx"), providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
 
-    def get_outputs(self):
-        return self.session.get_outputs()
-
-    def run(self, names, feed):
-        return self.session.run(names, feed)
+    def run(self, feed, decoding=False):
+        return dict(zip(self.names, self.session.run(None, feed)))
 
 
-def decode(session, tokens: int) -> tuple[float, float]:
-    """Greedy decoding with a per-step clock: (first token s, tokens/s after it)."""
-    layout, names = CacheLayout.of(session.manifest), [o.name for o in session.get_outputs()]
-    ids, past, step, stamps = PROMPT, layout.empty(1), PROMPT, [time.perf_counter()]
-    for _ in range(tokens):
-        out = dict(zip(names, session.run(None, step_feed(step, past, ids.shape[1] - step.shape[1]))))
-        step = out["logits"][:, -1].argmax(-1)[:, None]
-        ids = np.concatenate([ids, step], axis=1)
-        past = {p: out[q] for p, q in layout.present_for.items()}
-        stamps.append(time.perf_counter())
-    return stamps[1] - stamps[0], (tokens - 1) / (stamps[-1] - stamps[1])
+def prompt(batch: int, vocab: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(1, vocab, (batch, PROMPT))
 
 
-def worker(strategy: str, directory: Path, budget: int, tokens: int) -> None:
+def decode(engine, manifest, batch: int, tokens: int) -> tuple[list[float], np.ndarray]:
+    """Greedy decoding; (seconds at which each token of every row was known, tokens [B, n])."""
+    layout = CacheLayout.of(manifest)
+    ids = prompt(batch, manifest.config.get("vocab_size", 1000))
+    start, stamps, out = time.perf_counter(), [], []
+    decoder = Decoder(engine, layout, *check_prompt(ids, None, tokens, layout))
+    logits = decoder.prefill()
+    for n in range(tokens):
+        out.append(logits.argmax(-1))
+        stamps.append(time.perf_counter() - start)
+        if n < tokens - 1:
+            logits = decoder.step(out[-1])
+    return stamps, np.stack(out, axis=1)
+
+
+def stream_everything(manifest) -> Plan:
+    names = tuple(s.name for s in manifest.stages)
+    return Plan(0, loaders=1, window=2, resident=(), prepacked=names, compute_threads=0, predicted_first_s=0,
+                predicted_steady_s=0, predicted_peak_bytes=0)
+
+
+def streamed_bytes(session, plan: Plan) -> int:
+    """Weight bytes a step maps or reads for the stages the plan streams (embedding tables are looked up)."""
+    forms = session._resident.templates.canonical
+    return sum(w.length for s in session.manifest.stages if plan.streams(s.name) for w in forms[s.name].weights
+               if not w.looked_up)
+
+
+def worker(strategy: str, directory: Path, budget: int, batch: int, tokens: int) -> dict:
     from hermes_ort import InferenceSession
+    from hermes_ort.decode_plan import Workload
 
+    manifest = manifest_io.load(directory)
     start = time.perf_counter()
-    session = WholeModel(directory) if strategy == "whole" else InferenceSession(directory, memory_budget=budget)
-    created = time.perf_counter() - start
-    first, rate = decode(session, tokens)
-    print(json.dumps({"first": created + first, "rate": rate, "peak": peak_rss()}))
+    if strategy == "whole":
+        engine, created, streamed = WholeModel(directory), time.perf_counter() - start, 0
+        stamps, ids = decode(engine, manifest, batch, tokens)
+    else:
+        override = stream_everything(manifest) if strategy == "stream-everything" else None
+        session = InferenceSession(directory, memory_budget=budget, plan_override=override)
+        plan = session.generation_plan(Workload(batch, PROMPT, PROMPT + tokens))
+        streamed = streamed_bytes(session, plan)
+        with session.engine(plan) as engine:
+            created = time.perf_counter() - start
+            stamps, ids = decode(engine, manifest, batch, tokens)
+    steps = np.diff(stamps)
+    return {"first_s": created + stamps[0], "rate": batch * len(steps) / steps.sum(), "step_s": float(np.median(steps)),
+            "peak": peak_rss(), "streamed_bytes": streamed, "tokens": ids.tolist()}
+
+
+def page_cache_bandwidth(directory: Path, manifest) -> float:
+    """Bytes per second of mapping every model file with MAP_POPULATE, warm (the better of two passes)."""
+    files = sorted({f.path for s in manifest.stages for f in s.files})
+    best = 0.0
+    for _ in range(2):
+        total, start = 0, time.perf_counter()
+        for name in files:
+            with open(directory / name, "rb") as f:
+                size = f.seek(0, 2)
+                for offset in range(0, size, 8 << 20):
+                    mmap.mmap(f.fileno(), min(8 << 20, size - offset), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                              prot=mmap.PROT_READ, offset=offset).close()
+                total += size
+        best = max(best, total / (time.perf_counter() - start))
+    return best
+
+
+def run_worker(*args: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.generate", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens: int) -> list[list[str]]:
+    manifest = manifest_io.load(directory)
+    prepare_whole(directory, manifest)
+    bandwidth = page_cache_bandwidth(directory, manifest)
+    rows = []
+    for batch in batches:
+        common = ["--batch", str(batch), "--tokens", str(tokens)]
+        whole = run_worker(str(directory), "--worker", "whole", "--budget", "0", *common)
+        runs = [(f"hermes {b}", b, run_worker(str(directory), "--worker", "hermes", "--budget", b, *common))
+                for b in budgets]
+        runs.append(("stream-everything", "", run_worker(str(directory), "--worker", "stream-everything",
+                                                         "--budget", "0", *common)))
+        rows.append(row(directory.name, batch, "whole-model ORT", None, whole, whole, None, manifest))
+        for name, budget, r in runs:
+            floor = batch / max(whole["step_s"], r["streamed_bytes"] / bandwidth)
+            rows.append(row(directory.name, batch, name, budget, r, whole, floor, manifest))
+    print(f"# {directory.name}: {format_bytes(manifest.bytes)} on disk; page cache (MAP_POPULATE) "
+          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
+    return rows
+
+
+def row(model, batch, name, budget, r, whole, floor, manifest) -> list[str]:
+    limit = parse_budget(budget, manifest.bytes) if budget else None
+    same = np.array_equal(np.array(r["tokens"]), np.array(whole["tokens"]))
+    return [model, str(batch), name, format_bytes(limit) if limit else "-", f"{r['first_s']:.2f}",
+            f"{r['rate']:.1f}", f"{r['rate'] / whole['rate']:.2f}x", f"{r['rate'] / floor:.2f}x" if floor else "-",
+            format_bytes(r["peak"]), ("yes" if r["peak"] <= limit else "NO") if limit else "-",
+            "yes" if same else "no"]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("model_dir", type=Path)
-    p.add_argument("--budget", default="25%")
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--worker", choices=["whole", "hermes"], help=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dirs", nargs="+", type=Path)
+    p.add_argument("--budgets", default="100%,50%,25%", help="comma-separated sizes or shares of the model's bytes")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per row")
+    p.add_argument("--worker", choices=["whole", "hermes", "stream-everything"], help=argparse.SUPPRESS)
+    p.add_argument("--budget", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
-    manifest = manifest_io.load(args.model_dir)
-    budget = parse_budget(args.budget, manifest.bytes)
     if args.worker:
-        return worker(args.worker, args.model_dir, budget, args.tokens)
-    prepare_whole(args.model_dir, manifest)
+        directory = args.model_dirs[0]
+        budget = parse_budget(args.budget, manifest_io.load(directory).bytes) if args.budget != "0" else None
+        print(json.dumps(worker(args.worker, directory, budget, args.batch, args.tokens)))
+        return
     rows = []
-    for strategy in ("whole", "hermes"):
-        cmd = [sys.executable, "-m", "bench.generate", str(args.model_dir), "--budget", args.budget, "--tokens",
-               str(args.tokens), "--worker", strategy]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-        if out.returncode != 0:
-            raise SystemExit(out.stderr[-3000:])
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append([args.model_dir.name, strategy, f"{r['first']:.2f}", f"{r['rate']:.2f}", format_bytes(r["peak"])])
-    print(f"greedy decoding, prompt 32 tokens, {args.tokens} new, budget {format_bytes(budget)} (warm page cache)")
-    print(table(["model", "strategy", "first token s (incl. load)", "tokens/s after", "peak RSS"], rows))
+    for directory in args.model_dirs:
+        rows += bench_model(directory, args.budgets.split(","), [int(b) for b in args.batches.split(",")], args.tokens)
+    print(f"greedy decoding, prompt {PROMPT} tokens, {args.tokens} new per row, warm page cache; {describe()}; "
+          "tokens/s counts every row after the first token; first token includes creating the session")
+    print(table(["model", "batch", "strategy", "budget", "first token s", "tokens/s", "vs whole", "vs floor",
+                 "peak RSS", "in budget", "same tokens"], rows))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 
 from hermes_ort import manifest as manifest_io
 from hermes_ort.memory import format_bytes, parse_budget
 from hermes_ort.report import table
 
+from .machine import describe
 from .strategies import STRATEGIES, prepare_whole
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for model_dir in args.model_dirs:
             rows += bench_model(model_dir, args.budget, args.sequence, Path(scratch))
-    print(f"onnxruntime {onnxruntime.__version__}, batch 1, sequence {args.sequence} (ViT 224x224); latency = "
+    print(f"{describe()}, batch 1, sequence {args.sequence} (ViT 224x224); latency = "
           "session creation + first run")
     print(table(["model", "strategy", "mode", "latency s", "vs floor", "speedup vs whole", "peak RSS",
                  "in budget", "max diff"], rows))

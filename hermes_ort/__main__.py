@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .errors import HermesError
-from .memory import format_bytes, parse_budget, peak_rss
+from .memory import available, format_bytes, parse_budget, peak_rss
 
 
 def cmd_split(args) -> None:
@@ -23,6 +23,14 @@ def axes(args) -> dict:
     return {"batch": args.batch, "sequence": args.sequence}
 
 
+def decode_axes(args, manifest) -> dict:
+    """A one-token step at the longest context: the model's positions, at most 1024, unless --max-length."""
+    from .decoding import CacheLayout
+
+    longest = args.max_length or min(CacheLayout.of(manifest).max_positions or 1024, 1024)
+    return {"batch": args.batch, "sequence": 1, "past_sequence": longest - 1}
+
+
 def cmd_profile(args) -> None:
     from . import manifest as manifest_io, profiles
     from .feeds import synthetic_feed
@@ -30,10 +38,11 @@ def cmd_profile(args) -> None:
     from .report import profile_table
 
     manifest = manifest_io.load(args.model_dir)
-    profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, axes(args)), axes(args),
-                            args.threads)
+    sizes = decode_axes(args, manifest) if args.decode else axes(args)
+    profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, sizes), sizes, args.threads)
     print(profile_table(profile))
-    print(f"saved {profiles.save(profile, args.model_dir)}")
+    name = profiles.DECODE_PROFILE_NAME if args.decode else profiles.PROFILE_NAME
+    print(f"saved {profiles.save(profile, args.model_dir, name)}")
 
 
 def cmd_plan(args) -> None:
@@ -45,11 +54,37 @@ def cmd_plan(args) -> None:
     from .templates import Templates
 
     manifest = manifest_io.load(args.model_dir)
+    if args.decode:
+        return print_generation_plan(args, manifest)
     profile = model_profile(Path(args.model_dir), manifest, Templates(Path(args.model_dir), manifest))
     if args.budget:
         print(plan_text(plan(profile, parse_budget(args.budget, manifest.bytes), args.cold)))
     else:
         print(plan_rows(plan_table(profile, default_budgets(profile), args.cold)))
+
+
+def print_generation_plan(args, manifest) -> None:
+    from .decode_plan import Workload, decode_profile, plan_generation
+    from .decoding import CacheLayout
+    from .profiles import DECODE_PROFILE_NAME
+    from .report import plan_text
+    from .session import HEADROOM
+    from .templates import Templates
+
+    directory = Path(args.model_dir)
+    if not (directory / DECODE_PROFILE_NAME).is_file():
+        print(f"hermes: no {DECODE_PROFILE_NAME}: step times estimated from weight sizes; "
+              f"`hermes profile {directory} --decode` measures them", file=sys.stderr)
+    layout = CacheLayout.of(manifest)
+    work = Workload(args.batch, args.prompt, args.max_length or args.prompt + 256)
+    budget = parse_budget(args.budget, manifest.bytes) if args.budget else int(available() * HEADROOM)
+    p = plan_generation(decode_profile(directory, manifest, Templates(directory, manifest)), layout, manifest, work,
+                        budget, args.cold)
+    print(f"generation: batch {work.batch}, prompt {work.prompt}, up to {work.max_length} positions; KV cache at "
+          f"that length {format_bytes(layout.bytes(work.batch, work.max_length))} (inside the budget)")
+    print(plan_text(p))
+    print(f"predicted: {work.batch / p.predicted_steady_s:.1f} tokens/s (all rows) after the first step, "
+          f"peak {format_bytes(p.predicted_peak_bytes)}")
 
 
 def cmd_run(args) -> None:
@@ -127,12 +162,20 @@ def parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", parents=[shape], help="measure load/run time and memory per stage")
     prof.add_argument("model_dir")
     prof.add_argument("--threads", type=int, help="compute threads (default: all cores)")
+    prof.add_argument("--decode", action="store_true", help="profile a one-token decoding step at --max-length "
+                      "(default: the model's positions, at most 1024) into profile-decode.json")
+    prof.add_argument("--max-length", type=int, help="context of the profiled decoding step")
     prof.set_defaults(func=cmd_profile)
 
     pl = sub.add_parser("plan", help="the pipeline plan for a budget, or the table over budgets")
     pl.add_argument("model_dir")
     pl.add_argument("--budget", help=budget_help)
     pl.add_argument("--cold", action="store_true", help="plan for files not in the page cache")
+    pl.add_argument("--decode", action="store_true", help="plan generation: a one-token step, KV cache inside "
+                    "the budget, predicted tokens/s")
+    pl.add_argument("--batch", type=int, default=1, help="rows decoded together (with --decode)")
+    pl.add_argument("--prompt", type=int, default=32, help="prompt positions (with --decode)")
+    pl.add_argument("--max-length", type=int, help="positions at the end of generation (default prompt + 256)")
     pl.set_defaults(func=cmd_plan)
 
     run = sub.add_parser("run", parents=[shape], help="one inference within a budget")

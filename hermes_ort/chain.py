@@ -6,7 +6,7 @@ from typing import Callable, ContextManager, Mapping, Protocol
 
 import numpy as np
 
-from .manifest import Manifest
+from .manifest import Manifest, StageSpec
 
 
 class Prepared(Protocol):
@@ -23,11 +23,15 @@ PreparedFor = Callable[[int], Prepared]  # stage index -> a ready stage
 def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], prepared_for: PreparedFor,
               after_run: Callable[[int], None] = lambda i: None,
               span: Callable[[int], ContextManager] = lambda i: contextlib.nullcontext(),
-              last_use: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Runs every stage once; returns the model outputs. Each tensor is kept once, however many stages read it."""
-    tensors = dict(feed)
+              last_use: dict[str, int] | None = None, decoding: bool = False) -> dict[str, np.ndarray]:
+    """Runs every stage once; returns the model outputs. Each tensor is kept once, however many stages read it.
+    decoding: the chain owns `feed` (it empties it as tensors die, so a step holds one KV cache, not the
+    previous one too) and head stages see the last position only (only the next token's logits are needed)."""
+    tensors = feed if decoding else dict(feed)
     last_use = last_use or manifest.last_use()
     for i in range(len(manifest.stages)):
+        if decoding and manifest.stages[i].kind == "head":
+            last_position_only(tensors, manifest.stages[i])
         prepared = prepared_for(i)
         with span(i):
             tensors.update(prepared.run(tensors))
@@ -36,3 +40,11 @@ def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], prepared_for: 
         for name in [n for n in tensors if last_use.get(n, -1) <= i]:
             del tensors[name]
     return {t.name: tensors[t.name] for t in manifest.outputs}
+
+
+def last_position_only(tensors: dict[str, np.ndarray], stage: StageSpec) -> None:
+    """Cuts a head's [batch, sequence, E] inputs to the last position: a head works position by position."""
+    for t in stage.inputs:
+        value = tensors[t.name]
+        if len(t.shape) == 3 and value.shape[1] > 1 and np.issubdtype(value.dtype, np.floating):
+            tensors[t.name] = np.ascontiguousarray(value[:, -1:])

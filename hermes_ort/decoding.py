@@ -89,7 +89,7 @@ def prompt_positions(mask: np.ndarray) -> np.ndarray:
 class Engine(Protocol):
     """A pipeline kept across passes: one call of run() is one pass over the stages."""
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feed: dict[str, np.ndarray], decoding: bool = False) -> dict[str, np.ndarray]: ...
 
 
 class Decoder:
@@ -111,6 +111,7 @@ class Decoder:
                           "attention_mask": self.mask, **self.past})
 
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        out = self.engine.run(feed)
+        self.past = {}  # the feed holds the only reference: the chain frees each layer's past once used
+        out = self.engine.run(feed, decoding=True)
         self.past = {name: out[present] for name, present in self.layout.present_for.items()}
         return out["logits"][:, -1]

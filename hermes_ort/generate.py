@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .decode_plan import Workload
 from .decoding import CacheLayout, Decoder, check_prompt, step_feed  # noqa: F401  (step_feed: export's feeds)
 from .session import InferenceSession
 
@@ -46,7 +47,8 @@ def stream(model: Model, input_ids: np.ndarray, max_new_tokens: int, *, attentio
         if max_new_tokens == 0:
             return
         eos, done = eos_ids(eos_token_id), np.zeros(ids.shape[0], bool)
-        with session.engine() as engine:
+        plan = session.generation_plan(Workload(ids.shape[0], ids.shape[1], ids.shape[1] + max_new_tokens))
+        with session.engine(plan) as engine:
             decoder = Decoder(engine, layout, ids, mask)
             logits = decoder.prefill()
             for n in range(max_new_tokens):

@@ -38,6 +38,11 @@ class Resident:
     templates: Templates | None = None
     stages: dict[int, Prepared] = field(default_factory=dict)
 
+    def keep_only(self, names: set[str], manifest: Manifest) -> None:
+        """Drops resident stages a new plan streams, so they do not count beside its window."""
+        for i in [i for i in self.stages if manifest.stages[i].name not in names]:
+            self.stages.pop(i).close()
+
     def close(self) -> None:
         for prepared in self.stages.values():
             prepared.close()
@@ -73,6 +78,7 @@ class Pipeline:
                  tracer: Tracer | None = None, passes: int | None = 1):
         self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
         self.tracer = tracer or NullTracer()
+        resident.keep_only(set(plan.resident), manifest)
         count = range(len(manifest.stages))
         self.schedule = Schedule([i for i in count if i not in resident.stages],
                                  [i for i in count if plan.streams(manifest.stages[i].name)], passes)
@@ -109,9 +115,11 @@ class Pipeline:
         if exc_type is None and self.error is not None:  # a stage failed to close after the last run
             raise self.error
 
-    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The inference agent: one pass over every stage, in order, on the caller's thread."""
-        return run_chain(self.manifest, feed, self._prepared_for, self._after_run, self._traced, self.last_use)
+    def run(self, feed: Mapping[str, np.ndarray], decoding: bool = False) -> dict[str, np.ndarray]:
+        """The inference agent: one pass over every stage, in order, on the caller's thread (decoding: see
+        run_chain)."""
+        return run_chain(self.manifest, feed, self._prepared_for, self._after_run, self._traced, self.last_use,
+                         decoding)
 
     def _traced(self, i: int):
         return self.tracer.span(f"run {self.manifest.stages[i].name}", "run", thread="inference")

@@ -41,9 +41,9 @@ def cost(stage: StageProfile, prepacked: bool) -> StageCost:
     return stage.prepacked if prepacked else stage.plain
 
 
-def minimum_budget(profile: Profile) -> int:
+def minimum_budget(profile: Profile, kv_cache_bytes: int = 0) -> int:
     """The smallest budget any plan meets: one loader, window 1, nothing resident, no prepacking."""
-    need = profile.base_bytes + profile.transient_bytes + max(s.plain.bytes for s in profile.stages)
+    need = profile.base_bytes + profile.transient_bytes + kv_cache_bytes + max(s.plain.bytes for s in profile.stages)
     return int(need / (1 - MARGIN)) + 1
 
 
@@ -84,10 +84,11 @@ def timings(profile: Profile, resident: set[str], prepacked: set[str], loaders: 
     return first, steady
 
 
-def make_plan(profile: Profile, budget: int, loaders: int, window: int, cold: bool) -> Plan | None:
+def make_plan(profile: Profile, budget: int, loaders: int, window: int, cold: bool,
+              kv_cache_bytes: int = 0) -> Plan | None:
     """The plan with these knobs, the most useful resident set that fits, and prepacking where it pays;
     None if nothing fits."""
-    spare = usable(budget) - profile.base_bytes - profile.transient_bytes
+    spare = usable(budget) - profile.base_bytes - profile.transient_bytes - kv_cache_bytes
     if window_bytes(profile, set(), window, set()) > spare:
         return None
     resident, prepacked, used = pick_resident(profile, spare, cold,
@@ -95,7 +96,8 @@ def make_plan(profile: Profile, budget: int, loaders: int, window: int, cold: bo
     prepacked = prepack_where_faster(profile, resident, prepacked, spare - used, loaders, window, cold)
     first, steady = timings(profile, resident, prepacked, loaders, window, cold)
     names = [s.name for s in profile.stages]
-    peak = profile.base_bytes + profile.transient_bytes + used + window_bytes(profile, resident, window, prepacked)
+    peak = profile.base_bytes + profile.transient_bytes + kv_cache_bytes + used + window_bytes(
+        profile, resident, window, prepacked)
     return Plan(budget, loaders, window, tuple(n for n in names if n in resident),
                 tuple(n for n in names if n in prepacked), profile.compute_threads, first, steady, peak)
 
@@ -134,25 +136,31 @@ def pick_resident(profile: Profile, spare: int, cold: bool,
     return resident, prepacked, used
 
 
-def plan(profile: Profile, budget: int, cold: bool = False) -> Plan:
-    """The fastest plan (later runs first, then the first run) whose predicted peak fits the budget."""
-    least = minimum_budget(profile)
+def plan(profile: Profile, budget: int, cold: bool = False, kv_cache_bytes: int = 0,
+         first_slack: float | None = FIRST_SLACK, max_loaders: int | None = None) -> Plan:
+    """The fastest plan (later runs first, then the first run) whose predicted peak fits the budget.
+    kv_cache_bytes: a decoder's KV cache at its maximum length, held beside everything else.
+    first_slack: how much slower a first run may be for more resident stages (None: any, as for decoding,
+    where the first step is one of many). max_loaders: at most this many loading agents (default: cores)."""
+    least = minimum_budget(profile, kv_cache_bytes)
     if budget < least:
+        cache = f" + KV cache at its maximum length {format_bytes(kv_cache_bytes)}" if kv_cache_bytes else ""
         raise BudgetError(
             f"budget {format_bytes(budget)} is below the smallest feasible plan, {format_bytes(least)}: "
             f"process base {format_bytes(profile.base_bytes)} + tensors in flight "
-            f"{format_bytes(profile.transient_bytes)} + largest stage "
+            f"{format_bytes(profile.transient_bytes)}{cache} + largest stage "
             f"{format_bytes(max(s.plain.bytes for s in profile.stages))} + {MARGIN:.0%} margin")
-    candidates = [make_plan(profile, budget, loaders, window, cold)
+    candidates = [make_plan(profile, budget, loaders, window, cold, kv_cache_bytes)
                   for window in range(1, min(MAX_WINDOW, len(profile.stages)) + 1)
-                  for loaders in range(1, min(window, profile.cores) + 1)]
+                  for loaders in range(1, min(window, max_loaders or profile.cores) + 1)]
     feasible = [p for p in candidates if p]
     fastest = min(p.predicted_steady_s for p in feasible)
     # Among plans within 2% of the fastest, keep the most stages resident: the same speed here, and far
     # faster for short inputs (a decoding step runs a block in 1-4 ms, too short to hide its load).
     near = [p for p in feasible if p.predicted_steady_s <= fastest * (1 + NEAR)]
-    first = min(p.predicted_first_s for p in near)
-    near = [p for p in near if p.predicted_first_s <= first * (1 + FIRST_SLACK)]  # nor a much slower first run
+    if first_slack is not None:  # nor a much slower first run
+        first = min(p.predicted_first_s for p in near)
+        near = [p for p in near if p.predicted_first_s <= first * (1 + first_slack)]
     return min(near, key=lambda p: (-len(p.resident), p.predicted_steady_s, p.predicted_first_s))
 
 

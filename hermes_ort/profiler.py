@@ -63,7 +63,7 @@ def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
     cores = os.cpu_count() or 1
     threads = compute_threads or cores
     give_back()
-    base = rss()
+    base = rss() - sum(v.nbytes for v in feed.values())  # the feed counts as tensors in flight, not as base
     disk = disk_bandwidth(directory, manifest)
     tensors, last_use, stages, transient = dict(feed), manifest.last_use(), [], 0
     templates = Templates(directory, manifest)
@@ -75,5 +75,6 @@ def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
         tensors = {k: v for k, v in tensors.items() if last_use.get(k, -1) > i}
         transient = max(transient, sum(v.nbytes for v in tensors.values()))
     give_back()
-    persistent = rss() - base  # outputs still held, the shared arena's high-water mark, ORT's own state
-    return Profile(base, max(transient, persistent), cores, threads, disk, axes, tuple(stages))
+    held = sum(v.nbytes for v in {id(v): v for v in (*feed.values(), *tensors.values())}.values())
+    state = max(rss() - base - held, 0)  # the shared arena's high-water mark, ORT's own state
+    return Profile(base, transient + state, cores, threads, disk, axes, tuple(stages))

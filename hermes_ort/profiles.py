@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import ManifestError
 
 PROFILE_NAME = "profile.json"
+DECODE_PROFILE_NAME = "profile-decode.json"  # `hermes profile --decode`: a one-token step at the maximum context
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,16 @@ class Profile:
         return cls(**{**d, "stages": stages})
 
 
-def save(profile: Profile, directory: str | os.PathLike) -> Path:
-    path = Path(directory) / PROFILE_NAME
+def save(profile: Profile, directory: str | os.PathLike, name: str = PROFILE_NAME) -> Path:
+    path = Path(directory) / name
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(profile), indent=1))
     os.replace(tmp, path)
     return path
 
 
-def load(directory: str | os.PathLike) -> Profile:
-    path = Path(directory) / PROFILE_NAME
+def load(directory: str | os.PathLike, name: str = PROFILE_NAME) -> Profile:
+    path = Path(directory) / name
     if not path.is_file():
         raise ManifestError(f"{path} is missing: run `hermes profile {directory}` first")
     try:

@@ -12,6 +12,8 @@ import numpy as np
 
 from . import manifest as manifest_io
 from . import profiles
+from .decode_plan import Workload, decode_profile, plan_generation
+from .decoding import CacheLayout
 from .errors import InputError
 from .estimate import estimate_profile
 from .inputs import check_feed
@@ -57,9 +59,10 @@ class InferenceSession:
                  plan_override: Plan | None = None, tracer: Tracer | None = None):
         self.directory = Path(model_dir)
         self.manifest = manifest_io.load(self.directory)
-        budget = parse_bytes(memory_budget) if memory_budget is not None else int(available() * HEADROOM)
+        self.budget = parse_bytes(memory_budget) if memory_budget is not None else int(available() * HEADROOM)
         templates = Templates(self.directory, self.manifest)
-        self.plan = plan_override or plan(model_profile(self.directory, self.manifest, templates), budget)
+        self.plan = plan_override or plan(model_profile(self.directory, self.manifest, templates), self.budget)
+        self._plan_override = plan_override
         self.tracer = tracer
         self._resident = Resident(templates)
         self._one_run_at_a_time = threading.Lock()  # passes share the resident stages and templates
@@ -78,6 +81,13 @@ class InferenceSession:
                                                self.tracer) as pipeline:
             outputs = pipeline.run(feed)
         return [outputs[n] for n in names]
+
+    def generation_plan(self, work: Workload) -> Plan:
+        """The plan for decoding `work` within this session's budget (see decode_plan.py)."""
+        if self._plan_override is not None:
+            return self._plan_override
+        profile = decode_profile(self.directory, self.manifest, self._resident.templates)
+        return plan_generation(profile, CacheLayout.of(self.manifest), self.manifest, work, self.budget)
 
     @contextlib.contextmanager
     def engine(self, plan: Plan | None = None) -> Iterator[Pipeline]:

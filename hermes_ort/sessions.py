@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from .errors import StageError
 from .manifest import StageSpec
+from .memory import map_large_allocations
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -29,7 +30,7 @@ class SessionConfig:
     prepacking: bool = True
     spinning: bool = True
     optimization: str = "all"
-    shared_arena: bool = True  # one CPU arena for the process instead of one per session, see below
+    shared_arena: bool = False  # one CPU arena for the process instead of one per session, see below
 
 
 _arena_lock = threading.Lock()
@@ -52,6 +53,7 @@ def register_shared_arena() -> None:
 
 
 def session_options(config: SessionConfig) -> ort.SessionOptions:
+    map_large_allocations()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = config.intra_op_threads
     opts.inter_op_num_threads = 1

@@ -121,15 +121,17 @@ class Templates:
             counts[form.key] = counts.get(form.key, 0) + 1
         self.forms = {name: f for name, f in self.canonical.items()
                       if counts[f.key] > 1 and not f.transposes_weights}
-        self.sessions: dict[str, ort.InferenceSession] = {}
+        self.sessions: dict[str, ort.InferenceSession] = {}  # by graph key and thread count
         self.lock = threading.Lock()
 
     def session(self, form: Canonical, config: SessionConfig) -> ort.InferenceSession:
+        """One session per graph and thread count (a generation plan may run fewer threads than a pass)."""
+        key = f"{form.key}/{config.intra_op_threads}"
         with self.lock:
-            if form.key not in self.sessions:
-                self.sessions[form.key] = ort.InferenceSession(form.model, session_options(config),
-                                                               providers=["CPUExecutionProvider"])
-            return self.sessions[form.key]
+            if key not in self.sessions:
+                self.sessions[key] = ort.InferenceSession(form.model, session_options(config),
+                                                          providers=["CPUExecutionProvider"])
+            return self.sessions[key]
 
     def close(self) -> None:
         self.sessions.clear()
