@@ -35,13 +35,14 @@ def cmd_profile(args) -> None:
     from . import manifest as manifest_io, profiles
     from .feeds import synthetic_feed
     from .profiler import profile_model
+    from .decode_plan import decode_profile_name
     from .report import profile_table
 
     manifest = manifest_io.load(args.model_dir)
     sizes = decode_axes(args, manifest) if args.decode else axes(args)
     profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, sizes), sizes, args.threads)
     print(profile_table(profile))
-    name = profiles.DECODE_PROFILE_NAME if args.decode else profiles.PROFILE_NAME
+    name = decode_profile_name(args.batch) if args.decode else profiles.PROFILE_NAME
     print(f"saved {profiles.save(profile, args.model_dir, name)}")
 
 
@@ -64,7 +65,7 @@ def cmd_plan(args) -> None:
 
 
 def print_generation_plan(args, manifest) -> None:
-    from .decode_plan import Workload, decode_profile, plan_generation
+    from .decode_plan import Workload, decode_profile, measured_batches, plan_generation
     from .decoding import CacheLayout
     from .profiles import DECODE_PROFILE_NAME
     from .report import plan_text
@@ -72,14 +73,14 @@ def print_generation_plan(args, manifest) -> None:
     from .templates import Templates
 
     directory = Path(args.model_dir)
-    if not (directory / DECODE_PROFILE_NAME).is_file():
+    if not measured_batches(directory):
         print(f"hermes: no {DECODE_PROFILE_NAME}: step times estimated from weight sizes; "
               f"`hermes profile {directory} --decode` measures them", file=sys.stderr)
     layout = CacheLayout.of(manifest)
     work = Workload(args.batch, args.prompt, args.max_length or args.prompt + 256)
     budget = parse_budget(args.budget, manifest.bytes) if args.budget else int(available() * HEADROOM)
-    p = plan_generation(decode_profile(directory, manifest, Templates(directory, manifest)), layout, manifest, work,
-                        budget, args.cold)
+    p = plan_generation(decode_profile(directory, manifest, Templates(directory, manifest), work.batch), layout,
+                        manifest, work, budget, args.cold)
     print(f"generation: batch {work.batch}, prompt {work.prompt}, up to {work.max_length} positions; KV cache at "
           f"that length {format_bytes(layout.bytes(work.batch, work.max_length))} (inside the budget)")
     print(plan_text(p))
@@ -162,8 +163,8 @@ def parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", parents=[shape], help="measure load/run time and memory per stage")
     prof.add_argument("model_dir")
     prof.add_argument("--threads", type=int, help="compute threads (default: all cores)")
-    prof.add_argument("--decode", action="store_true", help="profile a one-token decoding step at --max-length "
-                      "(default: the model's positions, at most 1024) into profile-decode.json")
+    prof.add_argument("--decode", action="store_true", help="profile a one-token decoding step of --batch rows at "
+                      "--max-length (default: the model's positions, at most 1024) into profile-decode[-bN].json")
     prof.add_argument("--max-length", type=int, help="context of the profiled decoding step")
     prof.set_defaults(func=cmd_profile)
 

@@ -31,10 +31,27 @@ class Workload:
     max_length: int
 
 
-def decode_profile(directory: Path, manifest: Manifest, templates: Templates) -> Profile:
-    """profile-decode.json when measured, else weight sizes with step times from STEP_BYTES_PER_S."""
-    if (directory / profiles.DECODE_PROFILE_NAME).is_file():
-        return profiles.load(directory, profiles.DECODE_PROFILE_NAME)
+def decode_profile_name(batch: int) -> str:
+    """profile-decode.json for one row, profile-decode-b8.json for eight: a wider step packs weights and
+    holds activations a one-row step does not, so each batch size is measured on its own."""
+    return profiles.DECODE_PROFILE_NAME if batch == 1 else profiles.DECODE_PROFILE_NAME.replace(
+        ".json", f"-b{batch}.json")
+
+
+def measured_batches(directory: Path) -> list[int]:
+    found = [1] if (directory / profiles.DECODE_PROFILE_NAME).is_file() else []
+    stem = profiles.DECODE_PROFILE_NAME.replace(".json", "-b")
+    return sorted(found + [int(p.name[len(stem):-5]) for p in directory.glob(stem + "*.json")
+                           if p.name[len(stem):-5].isdigit()])
+
+
+def decode_profile(directory: Path, manifest: Manifest, templates: Templates, batch: int = 1) -> Profile:
+    """The decode profile measured at the smallest batch >= `batch` (else the largest measured); without
+    one, weight sizes with step times from STEP_BYTES_PER_S."""
+    batches = measured_batches(directory)
+    if batches:
+        chosen = next((b for b in batches if b >= batch), batches[-1])
+        return profiles.load(directory, decode_profile_name(chosen))
     estimate = estimate_profile(manifest, templates)
     step = lambda c, s: dataclasses.replace(c, run_s=s.file_bytes / STEP_BYTES_PER_S)
     stages = tuple(dataclasses.replace(s, plain=step(s.plain, s), prepacked=step(s.prepacked, s))
@@ -58,20 +75,14 @@ def in_flight_bytes(profile: Profile, layout: CacheLayout, manifest: Manifest, w
 
 def plan_generation(profile: Profile, layout: CacheLayout, manifest: Manifest, work: Workload, budget: int,
                     cold: bool = False) -> Plan:
-    """The fastest step plan that fits the budget beside the KV cache at work.max_length positions."""
+    """The fastest step plan that fits the budget beside the KV cache at work.max_length positions.
+
+    Loading agents leave a core to compute. Every session keeps its own intra-op pool of all cores with
+    spinning off (sessions.py). Measured on 2 cores, GPT-2 medium, 32 + 32 tokens: ORT's global pool with
+    spinning was 10-14% faster with every stage resident (11.1 against 9.7 tokens/s) but starved the
+    loaders when stages stream (25% budget: 3.1 against 4.4 tokens/s), and it is fixed per process at the
+    first session, so it cannot follow the plan; per-session pools with spinning on fell to 1.2 tokens/s
+    (29 pools spinning against each other)."""
     step = dataclasses.replace(profile, transient_bytes=in_flight_bytes(profile, layout, manifest, work))
-    chosen = plan(step, budget, cold, kv_cache_bytes=layout.bytes(work.batch, work.max_length), first_slack=None,
-                  max_loaders=max(1, profile.cores - 1))
-    return dataclasses.replace(chosen, compute_threads=compute_threads(chosen, profile))
-
-
-def compute_threads(chosen: Plan, profile: Profile) -> int:
-    """Threads per ORT session while decoding. A one-token step is bound by memory, not arithmetic: with
-    stages streaming, each loading agent keeps a core and compute gets the rest (GPT-2 medium at 25%, 2
-    cores: 1 thread 4.4-4.5 tokens/s, 2 threads 3.8); with everything resident, every core computes (8.5
-    against 7.9). Sessions use per-session pools with spinning off (sessions.py), so idle pools never
-    spin against loaders."""
-    streams = len(chosen.resident) < len(profile.stages)
-    return max(1, profile.cores - chosen.loaders) if streams else profile.cores
-
-
+    return plan(step, budget, cold, kv_cache_bytes=layout.bytes(work.batch, work.max_length), first_slack=None,
+                max_loaders=max(1, profile.cores - 1))

@@ -86,7 +86,7 @@ class InferenceSession:
         """The plan for decoding `work` within this session's budget (see decode_plan.py)."""
         if self._plan_override is not None:
             return self._plan_override
-        profile = decode_profile(self.directory, self.manifest, self._resident.templates)
+        profile = decode_profile(self.directory, self.manifest, self._resident.templates, work.batch)
         return plan_generation(profile, CacheLayout.of(self.manifest), self.manifest, work, self.budget)
 
     @contextlib.contextmanager

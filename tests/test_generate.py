@@ -129,6 +129,44 @@ def test_stream_yields_a_token_per_row_per_step_and_stops_cleanly(gpt2):
         assert np.array_equal(hermes_ort.generate(session, prompts(2, 4), 6)[:, 4:], want)  # still usable
 
 
+def test_one_engine_serves_the_generation_and_wraps_to_the_next_step(gpt2, monkeypatch):
+    """The loaders that prepare step n's stages keep going into step n + 1: the last stage of a step runs
+    only once the first stage of the next step has loaded, and every load comes from the same threads."""
+    real, cond, loads, threads = loading.prepare, threading.Condition(), [], set()
+    manifest = hermes_ort.InferenceSession(gpt2).manifest
+    first, last = manifest.stages[0].name, manifest.stages[-1].name
+
+    class LastWaitsForTheNextStep:
+        def __init__(self, name, prepared):
+            self.name, self.prepared = name, prepared
+
+        def run(self, tensors):
+            if self.name == last:
+                step = loads.count(last)
+                with cond:
+                    assert cond.wait_for(lambda: loads.count(first) > step, timeout=10), "the window did not wrap"
+            return self.prepared.run(tensors)
+
+        def close(self):
+            self.prepared.close()
+
+    def prepare(directory, stage, *rest):
+        prepared = LastWaitsForTheNextStep(stage.name, real(directory, stage, *rest))
+        with cond:
+            loads.append(stage.name)
+            threads.add(threading.get_ident())
+            cond.notify_all()
+        return prepared
+
+    monkeypatch.setattr(loading, "prepare", prepare)
+    with session_of(gpt2, window=2) as session:
+        got = hermes_ort.generate(session, prompts(1, 4), 6)
+    monkeypatch.setattr(loading, "prepare", real)
+    with session_of(gpt2, streamed=False) as session:
+        assert np.array_equal(got, hermes_ort.generate(session, prompts(1, 4), 6))
+    assert loads.count(last) == 6 and len(threads) <= 2  # a step per token, the plan's two loaders throughout
+
+
 def test_interrupted_generation_leaves_nothing_running(gpt2, monkeypatch):
     real, runs = loading.prepare, []
 

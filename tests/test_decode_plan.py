@@ -1,0 +1,108 @@
+"""The generation plan: a one-token step's costs, the KV cache at its maximum length inside the budget."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import hermes_ort
+from hermes_ort import manifest as manifest_io
+from hermes_ort import profiles
+from hermes_ort.decode_plan import Workload, decode_profile_name, measured_batches, plan_generation
+from hermes_ort.decoding import CacheLayout
+from hermes_ort.errors import BudgetError
+from hermes_ort.memory import format_bytes
+from hermes_ort.profiles import Profile, StageCost, StageProfile
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def gpt2(exported):
+    directory = exported("tiny-gpt2").directory
+    return directory, manifest_io.load(directory)
+
+
+def step_profile(manifest, block_mib=40, load_ms=5.0, run_ms=2.0):
+    """Every stage of the manifest as a 40 MiB block whose one-token step runs shorter than its load."""
+    cost = StageCost(2 * load_ms / 1e3, load_ms / 1e3, run_ms / 1e3, block_mib * MiB)
+    packed = StageCost(10 * load_ms / 1e3, 8 * load_ms / 1e3, 0.8 * run_ms / 1e3, block_mib * MiB)
+    stages = tuple(StageProfile(s.name, block_mib * MiB, cost, packed) for s in manifest.stages)
+    return Profile(base_bytes=50 * MiB, transient_bytes=2 * MiB, cores=2, compute_threads=2, disk_bytes_per_s=1e9,
+                   feed={"batch": 1, "sequence": 1, "past_sequence": 0}, stages=stages)
+
+
+def test_the_kv_cache_at_its_longest_is_inside_the_predicted_peak(gpt2):
+    directory, manifest = gpt2
+    layout, profile = CacheLayout.of(manifest), step_profile(manifest)
+    assert layout.bytes(1, 100) == 2 * 2 * 4 * 100 * 16 * 4  # layers x (key, value) x heads x positions x dim x 4
+    short = plan_generation(profile, layout, manifest, Workload(1, 4, 8), 400 * MiB)
+    long = plan_generation(profile, layout, manifest, Workload(1000, 4, 128), 400 * MiB)
+    cache = layout.bytes(1000, 128)  # 125 MiB
+    assert long.predicted_peak_bytes >= cache + profile.base_bytes and long.predicted_peak_bytes <= 0.97 * 400 * MiB
+    assert len(long.resident) < len(short.resident)  # the cache took the room of resident stages
+
+
+def test_a_budget_below_the_cache_states_the_minimum(gpt2):
+    directory, manifest = gpt2
+    layout, profile = CacheLayout.of(manifest), step_profile(manifest)
+    cache = layout.bytes(2000, 128)
+    with pytest.raises(BudgetError, match=f"below the smallest feasible plan, .*KV cache at its maximum length "
+                                          f"{format_bytes(cache)}"):
+        plan_generation(profile, layout, manifest, Workload(2000, 4, 128), 300 * MiB)
+
+
+def test_short_steps_keep_stages_resident_and_leave_a_core_to_compute(gpt2):
+    directory, manifest = gpt2
+    layout, profile = CacheLayout.of(manifest), step_profile(manifest)
+    everything = plan_generation(profile, layout, manifest, Workload(1, 4, 8), 1000 * MiB)
+    assert set(everything.resident) == {s.name for s in manifest.stages}
+    tight = plan_generation(profile, layout, manifest, Workload(1, 4, 8), 200 * MiB)
+    assert tight.resident and len(tight.resident) < len(manifest.stages)
+    assert tight.loaders == 1  # of two cores, one loads and one computes
+
+
+def test_each_batch_size_plans_from_its_own_profile(gpt2, tmp_path):
+    from hermes_ort.decode_plan import decode_profile
+    from hermes_ort.templates import Templates
+
+    directory, manifest = gpt2
+    assert [decode_profile_name(b) for b in (1, 8)] == ["profile-decode.json", "profile-decode-b8.json"]
+    for batch, run_ms in ((1, 1.0), (8, 3.0)):
+        profiles.save(step_profile(manifest, run_ms=run_ms), tmp_path, decode_profile_name(batch))
+    (tmp_path / "manifest.json").write_text((directory / "manifest.json").read_text())
+    assert measured_batches(tmp_path) == [1, 8]
+    templates = Templates(directory, manifest)
+    run_s = lambda batch: decode_profile(tmp_path, manifest, templates, batch).stages[0].plain.run_s
+    assert [run_s(b) for b in (1, 2, 8, 16)] == [0.001, 0.003, 0.003, 0.003]  # smallest batch >= asked, else largest
+
+
+def test_generate_refuses_a_budget_below_its_kv_cache(gpt2):
+    directory, _ = gpt2
+    from hermes_ort.memory import rss
+
+    with hermes_ort.InferenceSession(directory, memory_budget=rss() + 150 * MiB) as session:  # stages fit
+        prompts = np.ones((2000, 4), np.int64)
+        with pytest.raises(BudgetError, match="KV cache at its maximum length"):
+            hermes_ort.generate(session, prompts, 100)
+
+
+def test_cli_profiles_and_plans_decoding(gpt2, tmp_path):
+    import shutil
+
+    directory = tmp_path / "m"
+    shutil.copytree(gpt2[0], directory)
+    hermes = [sys.executable, "-m", "hermes_ort"]
+    out = subprocess.run([*hermes, "profile", str(directory), "--decode", "--max-length", "48"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    profile = profiles.load(directory, profiles.DECODE_PROFILE_NAME)
+    assert profile.feed == {"batch": 1, "sequence": 1, "past_sequence": 47}
+    assert not (directory / profiles.PROFILE_NAME).exists()  # the single-pass profile is another file
+    plan = subprocess.run([*hermes, "plan", str(directory), "--decode", "--budget", "1GiB", "--batch", "4"],
+                          capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr
+    assert "batch 4, prompt 32, up to 288 positions" in plan.stdout and "tokens/s" in plan.stdout
+    low = subprocess.run([*hermes, "plan", str(directory), "--decode", "--budget", "1MiB"], capture_output=True,
+                         text=True)
+    assert low.returncode == 2 and "KV cache at its maximum length" in low.stderr
