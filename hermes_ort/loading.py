@@ -46,7 +46,9 @@ def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates:
     """A stage ready to run. Through a shared template (weights mapped and populated here) when another
     stage shares its graph and it is not prepacked; else its own session, files read ahead first (ORT
     releases the GIL while it creates it)."""
-    form = templates.forms.get(stage.name) if templates is not None and not config.prepacking else None
+    form = templates.forms.get(stage.name) if templates is not None else None
+    if form is not None and config.prepacking and not form.looks_up_only:  # lookups have nothing to prepack
+        form = None
     if form is None:
         if templates is not None:  # just the byte ranges its weights occupy (a head part: its rows of wte);
             for w in templates.canonical[stage.name].weights:  # embedding tables are looked up, not read

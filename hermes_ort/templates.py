@@ -49,6 +49,11 @@ class Canonical:
     weights: tuple[WeightRef, ...]
     transposes_weights: bool  # Gemm(transB=1) on a weight: as an input ORT transposes it every run
 
+    @property
+    def looks_up_only(self) -> bool:
+        """Every external weight is a table a run reads a few rows of (an embeddings stage)."""
+        return bool(self.weights) and all(w.looked_up for w in self.weights)
+
 
 def canonicalize(directory: Path, stage: StageSpec) -> Canonical:
     path = directory / stage.graph.path
@@ -110,9 +115,11 @@ def retyped(value: onnx.ValueInfoProto, rename: dict[str, str]) -> onnx.ValueInf
 
 
 class Templates:
-    """The canonical form of every stage whose graph another stage shares, and their sessions (made once,
-    on first use, by whichever loading agent needs them first). GPT-2's head parts stay out: their
-    Gemm(transB=1) ran 3x slower with the weight as an input (hermes profile, gpt2-medium)."""
+    """The canonical form of every stage whose graph another stage shares, or whose weights are only looked
+    up, and their sessions (made once, on first use, by whichever loading agent needs them first).
+    GPT-2's head parts stay out: their Gemm(transB=1) ran 3x slower with the weight as an input (hermes
+    profile, gpt2-medium). Embedding tables come in as inputs so that the pages a lookup maps can be let
+    go after every run (MappedWeights.release_lookups)."""
 
     def __init__(self, directory: Path, manifest: Manifest):
         self.canonical = {s.name: canonicalize(directory, s) for s in manifest.stages}
@@ -120,7 +127,7 @@ class Templates:
         for form in self.canonical.values():
             counts[form.key] = counts.get(form.key, 0) + 1
         self.forms = {name: f for name, f in self.canonical.items()
-                      if counts[f.key] > 1 and not f.transposes_weights}
+                      if (counts[f.key] > 1 or f.looks_up_only) and not f.transposes_weights}
         self.sessions: dict[str, ort.InferenceSession] = {}  # by graph key and thread count
         self.lock = threading.Lock()
 
@@ -138,22 +145,38 @@ class Templates:
 
 
 class MappedWeights:
-    """A stage's data files mapped with MAP_POPULATE, and numpy views of each weight in them."""
+    """A stage's data files mapped, and numpy views of each weight in them. Files holding weights a run
+    reads in full are mapped with MAP_POPULATE (read here, not in run()); files of lookup tables only are
+    mapped lazily, and `release_lookups()` drops the pages a run touched.
+
+    Why: a lookup faults in far more than its rows (the kernel maps whole folios around each fault: 32
+    GPT-2 medium token ids mapped 41 MiB of wte, 2048 ids 166 MiB, measured from RssFile), so a resident
+    embeddings stage grew toward its whole table during a generation."""
 
     def __init__(self, directory: Path, weights: tuple[WeightRef, ...]):
         self.maps: dict[str, mmap.mmap] = {}
+        self.lookups: list[mmap.mmap] = []
         for location in dict.fromkeys(w.location for w in weights):
+            lookup_only = all(w.looked_up for w in weights if w.location == location)
             with open(directory / location, "rb") as f:
-                self.maps[location] = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE,
-                                                prot=mmap.PROT_READ)
+                self.maps[location] = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | (
+                    0 if lookup_only else _POPULATE), prot=mmap.PROT_READ)
+            if lookup_only:
+                self.lookups.append(self.maps[location])
         self.arrays = {w.input_name: np.frombuffer(self.maps[w.location], np.uint8, w.length, w.offset).view(
             w.dtype).reshape(w.shape) for w in weights}
+
+    def release_lookups(self) -> None:
+        """Unmaps the pages lookups touched (the page cache keeps them; the next lookup maps them again)."""
+        for m in self.lookups:
+            m.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         self.arrays.clear()
         for m in self.maps.values():
             m.close()
         self.maps.clear()
+        self.lookups.clear()
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages fault in during the first run
@@ -171,6 +194,8 @@ class TemplateStage:
             values = self.session.run([f"out_{k}" for k in range(len(self.form.outputs))], feed)
         except Exception as e:  # ORT's runtime errors are pybind types without a common base
             raise StageError(f"{self.stage.describe()}: run failed: {e}") from e
+        finally:
+            self.weights.release_lookups()
         return dict(zip(self.form.outputs, values))
 
     def close(self) -> None:

@@ -25,3 +25,15 @@ def test_bench_run_prints_every_strategy_cold_and_warm(exported, tmp_path):
                                              for m in ("cold", "warm")}
     assert all(float(r[-1]) <= 1e-5 for r in table)  # every strategy gives the same outputs
     assert all(r[-2] == "yes" for r in table if r[1] == "hermes")
+
+
+def test_bench_generate_prints_every_strategy_per_batch(exported, tmp_path):
+    model = tmp_path / "tiny-gpt2"
+    shutil.copytree(exported("tiny-gpt2").directory, model)
+    out = bench("bench.generate", model, "--budgets", "1GiB,2GiB", "--batches", "1,2", "--tokens", "4")
+    table = rows(out, "tiny-gpt2")
+    strategies = {(r[1], " ".join(r[2:4]) if r[2] == "hermes" else r[2]) for r in table}
+    assert strategies == {(b, s) for b in ("1", "2") for s in ("whole-model", "hermes 1GiB", "hermes 2GiB",
+                                                               "stream-everything")}
+    assert all(r[-1] == "yes" for r in table)  # every strategy decodes the whole model's tokens
+    assert all(r[-2] == "yes" for r in table if r[2] == "hermes")  # within the budget

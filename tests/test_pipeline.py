@@ -114,6 +114,38 @@ def test_embedding_tables_are_looked_up_not_read_ahead(gpt2, monkeypatch):
     assert reads[1:] and all(r[0] == "embeddings.data" and r[1] > 0 for r in reads[1:-1]) and reads[-1] == head.name
 
 
+def test_lookups_give_back_the_pages_they_mapped(tmp_path):
+    """A resident embeddings stage must not grow toward its whole table as a generation meets new tokens."""
+    from hermes_ort.templates import MappedWeights, WeightRef
+
+    rows, width = 16384, 1024  # a 64 MiB float32 table
+    (tmp_path / "table.data").write_bytes(np.ones((rows, width), np.float32).tobytes())
+    table = WeightRef("w_0", "table.data", 0, rows * width * 4, "float32", (rows, width), looked_up=True)
+    file_rss = lambda: next(int(line.split()[1]) << 10 for line in open("/proc/self/status")
+                            if line.startswith("RssFile"))
+    weights = MappedWeights(tmp_path, (table,))
+    before = file_rss()
+    looked_up = weights.arrays["w_0"][np.arange(0, rows, 64)].sum()  # 256 rows spread over the table
+    grown = file_rss() - before
+    weights.release_lookups()
+    released = file_rss() - before
+    weights.close()
+    assert looked_up == 256 * width and grown >= 256 * width * 4  # at least the rows' pages were mapped
+    assert released <= grown / 4
+
+
+def test_every_embeddings_run_releases_its_lookups(gpt2, monkeypatch):
+    from hermes_ort.templates import MappedWeights
+
+    released, real = [], MappedWeights.release_lookups
+    monkeypatch.setattr(MappedWeights, "release_lookups", lambda self: released.append(len(self.lookups)) or real(self))
+    with hermes_ort.InferenceSession(gpt2, memory_budget="4GiB") as session:  # embeddings resident
+        feed = synthetic_feed(session.manifest, {"sequence": 4})
+        for _ in range(3):
+            session.run(None, feed)
+    assert released.count(1) == 3  # one mapping of lookup tables (embeddings.data), released after each run
+
+
 def test_resident_stages_are_not_reloaded(gpt2, monkeypatch):
     loads = []
     real = loading.prepare
@@ -223,7 +255,8 @@ def test_blocks_share_one_template_session(gpt2):
     templates = Templates(gpt2, manifest)
     assert {"block_00", "block_01"} <= set(templates.forms)
     assert templates.forms["block_00"].key == templates.forms["block_01"].key
-    assert "embeddings" not in templates.forms  # a graph no other stage has gets its own session
+    assert templates.forms["embeddings"].looks_up_only  # its own graph, fed its tables to release lookups
+    assert not any(s.kind == "head" for s in manifest.stages if s.name in templates.forms)  # Gemm(transB)
     config = make_plan(manifest)
     from hermes_ort.pipeline import stage_config
 
