@@ -90,4 +90,4 @@ def load(folder: str):
 
 
 FAMILY = Family("bert", ("bert",), build, load, stages, lambda m, rng: example_feed(m, rng, 1, 7), cases,
-                extra_files=("tokenizer.json",), keep_outputs=("last_hidden_state",))
+                keep_outputs=("last_hidden_state",))

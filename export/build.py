@@ -19,9 +19,10 @@ from tqdm import tqdm
 import hermes_ort
 from hermes_ort import manifest as manifest_io
 from hermes_ort.errors import HermesError
-from hermes_ort.manifest import Manifest, StageSpec
+from hermes_ort.manifest import FileSpec, Manifest, StageSpec
 from hermes_ort.publish import building
 from hermes_ort.stage_files import write_stage
+from hermes_ort.tokenizer import TOKENIZER_FILES
 from hermes_ort.weights import WeightWriter, source_reader
 
 from .families import load_source
@@ -79,17 +80,20 @@ def describe(family: Family, model, stages: list[StageSpec], source: str, seed: 
     consumed = {t.name for s in stages for t in s.inputs}
     inputs = {t.name: t for s in stages for t in s.inputs if t.name not in produced}
     outputs = [t for s in stages for t in s.outputs if t.name not in consumed or t.name in family.keep_outputs]
-    tokenizer = copy_extras(family, folder, directory)
+    files = copy_extras(family, folder, directory)
+    tokenizer = "tokenizer.json" if any(f.path == "tokenizer.json" for f in files) else None
     return Manifest(family=family.name, config=model.config.to_diff_dict(), inputs=tuple(inputs.values()),
                     outputs=tuple(outputs), stages=tuple(stages), tokenizer=tokenizer,
-                    extra={"source": str(source), "seed": seed if folder is None else None})
+                    extra={"source": str(source), "seed": seed if folder is None else None}, files=files)
 
 
-def copy_extras(family: Family, folder: Path | None, directory: Path) -> str | None:
-    copied = [name for name in family.extra_files if folder is not None and (folder / name).is_file()]
+def copy_extras(family: Family, folder: Path | None, directory: Path) -> tuple[FileSpec, ...]:
+    """The source folder's tokenizer and generation files, copied and listed with their sizes and sha256."""
+    names = dict.fromkeys((*TOKENIZER_FILES, *family.extra_files))
+    copied = [name for name in names if folder is not None and (folder / name).is_file()]
     for name in copied:
         shutil.copyfile(folder / name, directory / name)
-    return copied[0] if copied else None
+    return tuple(FileSpec.of(directory, name) for name in copied)
 
 
 def verify(directory: Path, cases) -> float:

@@ -46,5 +46,5 @@ class Family:
     stages: Callable[[torch.nn.Module], list[StagePlan]]
     trace_feed: Callable[[object, np.random.Generator], Feed]  # example inputs used to trace the export
     cases: Callable[[torch.nn.Module, np.random.Generator], list[Case]]  # references, computed before export
-    extra_files: tuple[str, ...] = field(default=())  # files copied from a local folder (tokenizer)
+    extra_files: tuple[str, ...] = field(default=())  # copied from a local folder, beside TOKENIZER_FILES
     keep_outputs: tuple[str, ...] = field(default=())  # stage outputs that are model outputs though consumed

@@ -121,26 +121,77 @@ def cmd_run(args) -> None:
         print(f"trace -> {args.trace}")
 
 
-def cmd_generate(args) -> None:
-    import numpy as np
+def sampling_args(args) -> dict:
+    """The sampling flags given; any of temperature, top-k, top-p or seed asks for sampling."""
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    options = {k: v for k, v in given.items() if v is not None}
+    if args.do_sample or options.keys() - {"repetition_penalty"}:
+        options["do_sample"] = True
+    return options
 
+
+def prompts_of(args) -> list[str]:
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text().splitlines()
+        except OSError as e:
+            raise HermesError(f"cannot read --prompts-file: {e}") from None
+        return [line for line in lines if line.strip()] or [""]
+    return [args.prompt]
+
+
+def cmd_generate(args) -> None:
     from . import manifest as manifest_io
-    from .generate import generate
-    from .session import InferenceSession
 
     budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
+    start = time.perf_counter()
+    if args.ids is None and args.prompt is None and args.prompts_file is None:
+        raise HermesError("give --prompt TEXT, --prompts-file FILE or --ids 1,2,3")
+    count, first, session = (generate_ids if args.ids is not None else generate_text)(args, budget, start)
+    seconds = time.perf_counter() - start
+    plan = session.last_generation_plan or session.plan
+    rate = (count - 1) / max(seconds - first, 1e-9) if count > 1 else 0.0
+    streamed = len(session.manifest.stages) - len(plan.resident)
+    print(f"\n{count} tokens; first token {first:.2f} s, then {rate:.2f} tokens/s; peak RSS "
+          f"{format_bytes(peak_rss())} (budget {format_bytes(session.budget)}; plan: {len(plan.resident)} "
+          f"resident, {streamed} streamed stages, {plan.loaders} loaders, window {plan.window})", file=sys.stderr)
+
+
+def generate_ids(args, budget, start):
+    import numpy as np
+
+    from .generate import stream
+    from .session import InferenceSession
+
     try:
         prompt = np.array([[int(t) for t in args.ids.split(",")]], np.int64)
     except ValueError:
         raise HermesError(f"--ids must be comma-separated token ids, got {args.ids!r}") from None
-    start = time.perf_counter()
     with InferenceSession(args.model_dir, memory_budget=budget) as session:
-        ids = generate(session, prompt, args.max_new_tokens, args.eos)
-    seconds = time.perf_counter() - start
-    new = ids.shape[1] - prompt.shape[1]
-    print(",".join(str(t) for t in ids[0, prompt.shape[1]:]))
-    print(f"{new} tokens in {seconds:.2f} s ({new / seconds:.2f} tokens/s), peak RSS {format_bytes(peak_rss())}",
-          file=sys.stderr)
+        tokens, first = [], 0.0
+        for step in stream(session, prompt, args.max_new_tokens, eos_token_id=args.eos, **sampling_args(args)):
+            first = first or time.perf_counter() - start
+            tokens.append(int(step[0]))
+        print(",".join(map(str, tokens)))
+    return len(tokens), first, session
+
+
+def generate_text(args, budget, start):
+    from .text import TextGenerator
+
+    options = dict(max_new_tokens=args.max_new_tokens, chat=args.chat, stop=args.stop or (), **sampling_args(args))
+    prompts = prompts_of(args)
+    with TextGenerator(args.model_dir, memory_budget=budget) as gen:
+        if len(prompts) == 1:
+            for piece in gen.stream(prompts[0], **options):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            for k, text in enumerate(gen(prompts, **options)):
+                print(f"--- prompt {k}: {prompts[k]}\n{text}")
+    first = (gen.first_token_at or time.perf_counter()) - start
+    return gen.steps * len(prompts), first, gen.session
 
 
 def parser() -> argparse.ArgumentParser:
@@ -187,11 +238,23 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", help="write a Chrome trace-event JSON (Perfetto, chrome://tracing)")
     run.set_defaults(func=cmd_run)
 
-    gen = sub.add_parser("generate", help="greedy decoding with a KV cache (GPT-2 exports)")
+    gen = sub.add_parser("generate", help="text (or token ids) in, text out, with a KV cache through streamed "
+                         "stages")
     gen.add_argument("model_dir")
-    gen.add_argument("--ids", required=True, help="prompt token ids, comma-separated")
-    gen.add_argument("--max-new-tokens", type=int, default=16)
-    gen.add_argument("--eos", type=int, help="stop when this token id is produced")
+    gen.add_argument("--prompt", help="text to continue (needs the model directory's tokenizer.json)")
+    gen.add_argument("--prompts-file", help="one prompt per line, decoded together as one batch")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--ids", help="prompt token ids, comma-separated (prints ids)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--eos", type=int, help="with --ids: stop when this token id is produced")
+    gen.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    gen.add_argument("--do-sample", action="store_true", help="sample (implied by the options below but "
+                     "--repetition-penalty); default greedy")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--seed", type=int, help="same seed, same tokens")
     gen.add_argument("--budget", help=budget_help + " (default: a share of available memory)")
     gen.set_defaults(func=cmd_generate)
     return p

@@ -1,4 +1,4 @@
-"""hermes_ort.generate / hermes_ort.stream: greedy decoding with the KV cache through streamed stages.
+"""hermes_ort.generate / hermes_ort.stream: decoding with the KV cache through streamed stages.
 
 One pipeline serves the whole generation: its loading agents prepare the streamed stages of the next
 step while the current one runs, and its exit (at the end, on error, on interrupt, or when a caller
@@ -7,6 +7,7 @@ closes the stream) joins every thread. Resident stages stay with the session for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Iterator, Sequence
 
@@ -14,6 +15,8 @@ import numpy as np
 
 from .decode_plan import Workload
 from .decoding import CacheLayout, Decoder, check_prompt, step_feed  # noqa: F401  (step_feed: export's feeds)
+from .errors import InputError
+from .sampling import Chooser, Sampling
 from .session import InferenceSession
 
 Model = InferenceSession | str | os.PathLike
@@ -35,12 +38,22 @@ def eos_ids(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
     return np.atleast_1d(np.asarray(eos_token_id, np.int64))
 
 
+def sampling_of(options: dict) -> Sampling:
+    try:
+        return Sampling(**options)
+    except TypeError:
+        known = [f.name for f in dataclasses.fields(Sampling)]
+        raise InputError(f"unknown generation options {sorted(set(options) - set(known))}; known: {known}") from None
+
+
 def stream(model: Model, input_ids: np.ndarray, max_new_tokens: int, *, attention_mask: np.ndarray | None = None,
-           eos_token_id: int | Sequence[int] | None = None,
-           memory_budget: int | str | None = None) -> Iterator[np.ndarray]:
-    """Yields the next greedy token of every row, [B] int64, step by step. Prompts [B, S] are LEFT-padded
-    (attention_mask 0 on pads). A row that has produced an eos id keeps producing it; the stream ends
-    after max_new_tokens steps or when every row has."""
+           eos_token_id: int | Sequence[int] | None = None, memory_budget: int | str | None = None,
+           **sampling: float | int | bool | None) -> Iterator[np.ndarray]:
+    """Yields the next token of every row, [B] int64, step by step: greedy, or drawn as transformers draws
+    with do_sample=True, temperature, top_k, top_p, repetition_penalty and seed (see sampling.Sampling).
+    Prompts [B, S] are LEFT-padded (attention_mask 0 on pads). A row that has produced an eos id keeps
+    producing it; the stream ends after max_new_tokens steps or when every row has."""
+    choice = sampling_of(sampling)
     with opened(model, memory_budget) as session:
         layout = CacheLayout.of(session.manifest)
         ids, mask = check_prompt(input_ids, attention_mask, max_new_tokens, layout)
@@ -51,8 +64,9 @@ def stream(model: Model, input_ids: np.ndarray, max_new_tokens: int, *, attentio
         with session.engine(plan) as engine:
             decoder = Decoder(engine, layout, ids, mask)
             logits = decoder.prefill()
+            choose = Chooser(choice, ids, mask, logits.shape[-1])
             for n in range(max_new_tokens):
-                token = np.where(done, eos[0] if eos.size else 0, logits.argmax(-1))
+                token = np.where(done, eos[0] if eos.size else 0, choose(logits))
                 done |= np.isin(token, eos)
                 yield token
                 if done.all() or n == max_new_tokens - 1:
@@ -61,9 +75,10 @@ def stream(model: Model, input_ids: np.ndarray, max_new_tokens: int, *, attentio
 
 
 def generate(model: Model, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
-             *, attention_mask: np.ndarray | None = None, memory_budget: int | str | None = None) -> np.ndarray:
-    """Prompt ids [B, S] -> [B, S + n], n <= max_new_tokens greedy tokens; arguments as for stream()."""
+             *, attention_mask: np.ndarray | None = None, memory_budget: int | str | None = None,
+             **sampling: float | int | bool | None) -> np.ndarray:
+    """Prompt ids [B, S] -> [B, S + n], n <= max_new_tokens new tokens; arguments as for stream()."""
     ids = np.asarray(input_ids)
     tokens = list(stream(model, ids, max_new_tokens, attention_mask=attention_mask, eos_token_id=eos_token_id,
-                         memory_budget=memory_budget))
+                         memory_budget=memory_budget, **sampling))
     return np.concatenate([ids.astype(np.int64), *[t[:, None] for t in tokens]], axis=1)

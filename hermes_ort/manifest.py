@@ -94,6 +94,7 @@ class Manifest:
     stages: tuple[StageSpec, ...]
     tokenizer: str | None = None
     extra: dict = field(default_factory=dict)  # free-form facts (export max diff, source)
+    files: tuple[FileSpec, ...] = ()  # files beside the stages: tokenizer.json, its config, generation_config.json
     version: int = VERSION
 
     @property
@@ -134,6 +135,7 @@ class Manifest:
             outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
             stages=tuple(StageSpec.from_json(s) for s in d["stages"]),
             tokenizer=d.get("tokenizer"), extra=d.get("extra", {}), version=d["version"],
+            files=tuple(FileSpec(**f) for f in d.get("files", ())),
         )
 
 
@@ -164,17 +166,15 @@ def check_flow(manifest: Manifest) -> None:
 
 def check_files(manifest: Manifest, directory: Path, deep: bool = False) -> None:
     """Every file exists with its recorded size (and, when deep, its sha256)."""
-    for s in manifest.stages:
-        for f in s.files:
-            path = directory / f.path
-            if not path.is_file():
-                raise ManifestError(f"{s.describe()}: file {path} is missing")
-            if path.stat().st_size != f.bytes:
-                raise ManifestError(
-                    f"{s.describe()}: file {path} has {path.stat().st_size} bytes, manifest says {f.bytes}"
-                )
-            if deep and sha256_of(path) != f.sha256:
-                raise ManifestError(f"{s.describe()}: file {path} does not match its sha256 (corrupt)")
+    owned = [(s.describe(), f) for s in manifest.stages for f in s.files] + [("model", f) for f in manifest.files]
+    for owner, f in owned:
+        path = directory / f.path
+        if not path.is_file():
+            raise ManifestError(f"{owner}: file {path} is missing")
+        if path.stat().st_size != f.bytes:
+            raise ManifestError(f"{owner}: file {path} has {path.stat().st_size} bytes, manifest says {f.bytes}")
+        if deep and sha256_of(path) != f.sha256:
+            raise ManifestError(f"{owner}: file {path} does not match its sha256 (corrupt)")
 
 
 def load(directory: str | os.PathLike, deep: bool = False) -> Manifest:

@@ -63,6 +63,7 @@ class InferenceSession:
         templates = Templates(self.directory, self.manifest)
         self.plan = plan_override or plan(model_profile(self.directory, self.manifest, templates), self.budget)
         self._plan_override = plan_override
+        self.last_generation_plan: Plan | None = None  # what the latest generation ran with (CLI stats)
         self.tracer = tracer
         self._resident = Resident(templates)
         self._one_run_at_a_time = threading.Lock()  # passes share the resident stages and templates
@@ -87,7 +88,9 @@ class InferenceSession:
         if self._plan_override is not None:
             return self._plan_override
         profile = decode_profile(self.directory, self.manifest, self._resident.templates, work.batch)
-        return plan_generation(profile, CacheLayout.of(self.manifest), self.manifest, work, self.budget)
+        self.last_generation_plan = plan_generation(profile, CacheLayout.of(self.manifest), self.manifest, work,
+                                                    self.budget)
+        return self.last_generation_plan
 
     @contextlib.contextmanager
     def engine(self, plan: Plan | None = None) -> Iterator[Pipeline]:

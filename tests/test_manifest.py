@@ -94,9 +94,9 @@ def test_stage_reading_a_later_stages_output_names_both(model_dir):
 
 def test_corrupt_graph_found_at_first_load_after_the_session_opened(model_dir):
     session = hermes_ort.InferenceSession(model_dir, memory_budget="4GiB")
-    path = model_dir / "embeddings.onnx"  # read by ORT when the stage is first loaded
+    path = model_dir / "head.onnx"  # the pooler's own session: ORT reads it when the stage first loads
     path.write_bytes(b"\xff" * path.stat().st_size)
-    with pytest.raises(StageError, match="stage 'embeddings' \\(embeddings.onnx\\): cannot load .*embeddings.onnx"):
+    with pytest.raises(StageError, match="stage 'head' \\(head.onnx\\): cannot load .*head.onnx"):
         session.run(None, feed())
     session.close()
 
