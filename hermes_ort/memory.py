@@ -24,8 +24,8 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def parse_budget(text: str, model_bytes: int) -> int:
-    """A size ("400MiB") or a share of the model's bytes on disk ("25%")."""
+def parse_budget(text: str | int, model_bytes: int) -> int:
+    """A size ("400MiB", bytes as an int) or a share of the model's bytes on disk ("25%")."""
     if str(text).strip().endswith("%"):
         try:
             return int(float(str(text).strip()[:-1]) / 100 * model_bytes)

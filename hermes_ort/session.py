@@ -18,7 +18,7 @@ from .errors import InputError
 from .estimate import estimate_profile
 from .inputs import check_feed
 from .manifest import TensorSpec
-from .memory import available, parse_bytes
+from .memory import available, parse_budget
 from .pipeline import Pipeline, Resident
 from .planner import Plan, plan
 from .profiles import Profile
@@ -51,15 +51,16 @@ def model_profile(directory: Path, manifest: manifest_io.Manifest, templates: Te
 
 
 class InferenceSession:
-    """Streams a model directory through ORT within `memory_budget` (bytes or "400MiB"; None: a share of
-    the memory available now). Inputs are checked against the manifest before anything is loaded.
-    Stages the plan keeps resident stay loaded until `close()`."""
+    """Streams a model directory through ORT within `memory_budget` (bytes, "400MiB" or "25%" of the model's
+    bytes; None: a share of the memory available now). Inputs are checked against the manifest before
+    anything is loaded. Stages the plan keeps resident stay loaded until `close()`."""
 
     def __init__(self, model_dir: str | os.PathLike, memory_budget: int | str | None = None,
                  plan_override: Plan | None = None, tracer: Tracer | None = None):
         self.directory = Path(model_dir)
         self.manifest = manifest_io.load(self.directory)
-        self.budget = parse_bytes(memory_budget) if memory_budget is not None else int(available() * HEADROOM)
+        self.budget = (parse_budget(memory_budget, self.manifest.bytes) if memory_budget is not None
+                       else int(available() * HEADROOM))
         templates = Templates(self.directory, self.manifest)
         self.plan = plan_override or plan(model_profile(self.directory, self.manifest, templates), self.budget)
         self._plan_override = plan_override

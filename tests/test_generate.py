@@ -222,3 +222,11 @@ def test_cli_generate(gpt2, capsys):
     assert hermes(["generate", str(gpt2), "--ids", "1,2,3", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() == ",".join(map(str, want))
     assert hermes(["generate", str(gpt2), "--ids", "one,two"]) == 2
+
+
+def test_a_budget_can_be_a_share_of_the_model(gpt2):
+    from hermes_ort import manifest as manifest_io
+
+    model_bytes = manifest_io.load(gpt2).bytes
+    with hermes_ort.InferenceSession(gpt2, memory_budget="200000%") as session:  # a MiB-sized model
+        assert session.budget == 2000 * model_bytes

@@ -10,36 +10,15 @@ import pytest
 import hermes_ort
 from hermes_ort.errors import InputError
 from hermes_ort.text import RowText
-
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "Streaming stages through ONNX Runtime on a board.",
-          "héllo wörld, ça va? 😀 naïve café", "A man is eating a piece of bread."] * 50
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
+from text_model import CORPUS, write_folder
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    """A tiny seeded GPT-2 saved as a local transformers folder with a byte-level BPE tokenizer trained
-    here (the model's vocabulary is the tokenizer's), exported with `python -m export FOLDER`."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    """tests/text_model.py's folder (a trained tokenizer, a seeded GPT-2 of its vocabulary), exported with
+    `python -m export FOLDER`: (model directory, source folder)."""
     from export.build import export_model
 
-    folder = tmp_path_factory.mktemp("gpt2-folder")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer.save(str(folder / "tokenizer.json"))
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, initializer_range=0.2,
-                               vocab_size=tokenizer.get_vocab_size())).save_pretrained(folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHAT}))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2], "do_sample": False}))
+    folder = write_folder(tmp_path_factory.mktemp("gpt2-folder"))
     out = tmp_path_factory.mktemp("text") / "model"
     export_model(str(folder), out, progress=False)
     return out, folder
