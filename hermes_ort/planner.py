@@ -21,6 +21,20 @@ NEAR = 0.02  # plans this close to the fastest count as equally fast
 FIRST_SLACK = 0.10  # ... if their first run is at most this much slower  # prepack a streamed stage only for a run-time saving above profiling noise
 
 
+CONTENDED_LOAD = 2.0  # a streamed GPT-2 medium block cost ~8.7 ms of a decode step against its profiled 4 ms
+# load: mapping beside compute threads plus unmapping it (bench.generate-style decode, 0-8 blocks streamed)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How plan() weighs candidates; the defaults serve single passes."""
+
+    first_slack: float | None = FIRST_SLACK  # how much slower a first run may be for more resident stages
+    max_loaders: int | None = None  # default: one per core
+    contended: bool = False  # loads take their CPU from compute (no core to spare): charge them serially
+    min_window: int = 1  # narrower windows only when nothing else fits (decoding: 2, or no load overlaps)
+
+
 @dataclass(frozen=True)
 class Plan:
     budget: int
@@ -75,58 +89,67 @@ def window_bytes(profile: Profile, resident: set[str], window: int, prepacked: s
 
 
 def timings(profile: Profile, resident: set[str], prepacked: set[str], loaders: int, window: int,
-            cold: bool) -> tuple[float, float]:
-    """Predicted (first run, later runs)."""
+            cold: bool, contended: bool = False) -> tuple[float, float]:
+    """Predicted (first run, later runs). contended: loads cannot hide, each costs CONTENDED_LOAD x its time."""
     load = lambda s: cost(s, s.name in prepacked).load_cold_s if cold else cost(s, s.name in prepacked).load_warm_s
     runs = [cost(s, s.name in prepacked).run_s for s in profile.stages]
     first = simulate([load(s) for s in profile.stages], runs, loaders, window)
     steady = simulate([None if s.name in resident else load(s) for s in profile.stages], runs, loaders, window)
+    if contended:
+        first = max(first, sum(runs) + CONTENDED_LOAD * sum(load(s) for s in profile.stages))
+        steady = max(steady, sum(runs) + CONTENDED_LOAD * sum(load(s) for s in profile.stages
+                                                              if s.name not in resident))
     return first, steady
 
 
 def make_plan(profile: Profile, budget: int, loaders: int, window: int, cold: bool,
-              kv_cache_bytes: int = 0) -> Plan | None:
-    """The plan with these knobs, the most useful resident set that fits, and prepacking where it pays;
+              kv_cache_bytes: int = 0, contended: bool = False) -> Plan | None:
+    """The plan with these knobs, the most useful resident set that fits (resident stages prepacked where
+    they fit, or kept plain so more of them fit: whichever predicts faster), and prepacking where it pays;
     None if nothing fits."""
     spare = usable(budget) - profile.base_bytes - profile.transient_bytes - kv_cache_bytes
     if window_bytes(profile, set(), window, set()) > spare:
         return None
-    resident, prepacked, used = pick_resident(profile, spare, cold,
-                                              lambda r: window_bytes(profile, r, window, set()))
-    prepacked = prepack_where_faster(profile, resident, prepacked, spare - used, loaders, window, cold)
-    first, steady = timings(profile, resident, prepacked, loaders, window, cold)
-    names = [s.name for s in profile.stages]
-    peak = profile.base_bytes + profile.transient_bytes + kv_cache_bytes + used + window_bytes(
-        profile, resident, window, prepacked)
-    return Plan(budget, loaders, window, tuple(n for n in names if n in resident),
-                tuple(n for n in names if n in prepacked), profile.compute_threads, first, steady, peak)
+    plans = []
+    for packed_first in (True, False):
+        resident, prepacked, used = pick_resident(profile, spare, cold,
+                                                  lambda r: window_bytes(profile, r, window, set()), packed_first)
+        prepacked = prepack_where_faster(profile, resident, prepacked, spare - used, loaders, window, cold,
+                                         contended)
+        first, steady = timings(profile, resident, prepacked, loaders, window, cold, contended)
+        names = [s.name for s in profile.stages]
+        peak = profile.base_bytes + profile.transient_bytes + kv_cache_bytes + used + window_bytes(
+            profile, resident, window, prepacked)
+        plans.append(Plan(budget, loaders, window, tuple(n for n in names if n in resident),
+                          tuple(n for n in names if n in prepacked), profile.compute_threads, first, steady, peak))
+    return min(plans, key=lambda p: (p.predicted_steady_s, p.predicted_first_s))
 
 
 def prepack_where_faster(profile: Profile, resident: set[str], prepacked: set[str], spare: int, loaders: int,
-                         window: int, cold: bool) -> set[str]:
+                         window: int, cold: bool, contended: bool = False) -> set[str]:
     """Greedy over streamed stages, largest run-time saving first: prepack one when the simulation says
     the runs get faster (its slower load hidden behind compute) and the window still fits."""
-    best = sum(timings(profile, resident, prepacked, loaders, window, cold))
+    best = sum(timings(profile, resident, prepacked, loaders, window, cold, contended))
     streamed = [s for s in profile.stages
                 if s.name not in resident and s.prepacked.run_s < (1 - MIN_PREPACK_GAIN) * s.plain.run_s]
     for s in sorted(streamed, key=lambda s: s.plain.run_s - s.prepacked.run_s, reverse=True):
         trial = prepacked | {s.name}
         if window_bytes(profile, resident, window, trial) > spare:
             continue
-        score = sum(timings(profile, resident, trial, loaders, window, cold))
+        score = sum(timings(profile, resident, trial, loaders, window, cold, contended))
         if score < best * 0.99:
             prepacked, best = trial, score
     return prepacked
 
 
-def pick_resident(profile: Profile, spare: int, cold: bool,
-                  window_for: Callable[[set[str]], int]) -> tuple[set[str], set[str], int]:
-    """Greedy: keep the stages that save the most load time per byte, prepacked when that still fits
-    beside the streamed window (which shrinks as stages become resident)."""
+def pick_resident(profile: Profile, spare: int, cold: bool, window_for: Callable[[set[str]], int],
+                  packed_first: bool = True) -> tuple[set[str], set[str], int]:
+    """Greedy: keep the stages that save the most load time per byte, prepacked (if packed_first) when
+    that still fits beside the streamed window (which shrinks as stages become resident)."""
     key = (lambda c: c.load_cold_s) if cold else (lambda c: c.load_warm_s)
     resident, prepacked, used = set(), set(), 0
     for s in sorted(profile.stages, key=lambda s: key(s.plain) / max(s.plain.bytes, 1), reverse=True):
-        for packed in (True, False):
+        for packed in (True, False) if packed_first else (False,):
             if used + cost(s, packed).bytes + window_for(resident | {s.name}) <= spare:
                 resident.add(s.name)
                 used += cost(s, packed).bytes
@@ -136,12 +159,9 @@ def pick_resident(profile: Profile, spare: int, cold: bool,
     return resident, prepacked, used
 
 
-def plan(profile: Profile, budget: int, cold: bool = False, kv_cache_bytes: int = 0,
-         first_slack: float | None = FIRST_SLACK, max_loaders: int | None = None) -> Plan:
+def plan(profile: Profile, budget: int, cold: bool = False, kv_cache_bytes: int = 0, rules: Rules = Rules()) -> Plan:
     """The fastest plan (later runs first, then the first run) whose predicted peak fits the budget.
-    kv_cache_bytes: a decoder's KV cache at its maximum length, held beside everything else.
-    first_slack: how much slower a first run may be for more resident stages (None: any, as for decoding,
-    where the first step is one of many). max_loaders: at most this many loading agents (default: cores)."""
+    kv_cache_bytes: a decoder's KV cache at its maximum length, held beside everything else."""
     least = minimum_budget(profile, kv_cache_bytes)
     if budget < least:
         cache = f" + KV cache at its maximum length {format_bytes(kv_cache_bytes)}" if kv_cache_bytes else ""
@@ -150,17 +170,18 @@ def plan(profile: Profile, budget: int, cold: bool = False, kv_cache_bytes: int 
             f"process base {format_bytes(profile.base_bytes)} + tensors in flight "
             f"{format_bytes(profile.transient_bytes)}{cache} + largest stage "
             f"{format_bytes(max(s.plain.bytes for s in profile.stages))} + {MARGIN:.0%} margin")
-    candidates = [make_plan(profile, budget, loaders, window, cold, kv_cache_bytes)
+    candidates = [make_plan(profile, budget, loaders, window, cold, kv_cache_bytes, rules.contended)
                   for window in range(1, min(MAX_WINDOW, len(profile.stages)) + 1)
-                  for loaders in range(1, min(window, max_loaders or profile.cores) + 1)]
+                  for loaders in range(1, min(window, rules.max_loaders or profile.cores) + 1)]
     feasible = [p for p in candidates if p]
+    feasible = [p for p in feasible if p.window >= rules.min_window] or feasible
     fastest = min(p.predicted_steady_s for p in feasible)
     # Among plans within 2% of the fastest, keep the most stages resident: the same speed here, and far
     # faster for short inputs (a decoding step runs a block in 1-4 ms, too short to hide its load).
     near = [p for p in feasible if p.predicted_steady_s <= fastest * (1 + NEAR)]
-    if first_slack is not None:  # nor a much slower first run
+    if rules.first_slack is not None:  # nor a much slower first run
         first = min(p.predicted_first_s for p in near)
-        near = [p for p in near if p.predicted_first_s <= first * (1 + first_slack)]
+        near = [p for p in near if p.predicted_first_s <= first * (1 + rules.first_slack)]
     return min(near, key=lambda p: (-len(p.resident), p.predicted_steady_s, p.predicted_first_s))
 
 

@@ -82,3 +82,17 @@ def test_prepacks_only_the_streamed_stage_where_it_pays():
     blocks = [block(i) for i in range(6)]
     p = plan(profile(*blocks, head), 200 * MiB)
     assert p.prepacked == ("head",) and p.resident == ()
+
+
+def test_contended_loads_are_charged_serially_and_keep_a_window_of_two():
+    """Decoding rules: a load takes its CPU from compute, so each streamed stage adds CONTENDED_LOAD x its
+    load to a step, residency pays, and the window keeps room for the next stage."""
+    from hermes_ort.planner import CONTENDED_LOAD, Rules
+
+    rules = Rules(first_slack=None, max_loaders=1, contended=True, min_window=2)
+    p = plan(MODEL, 200 * MiB, rules=rules)
+    streamed = [s for s in MODEL.stages if s.name not in p.resident]
+    runs = sum(s.plain.run_s if s.name not in p.prepacked else s.prepacked.run_s for s in MODEL.stages)
+    assert p.window >= 2 and p.loaders == 1 and streamed
+    assert p.predicted_steady_s == pytest.approx(runs + CONTENDED_LOAD * sum(s.plain.load_warm_s for s in streamed))
+    assert len(p.resident) >= len(plan(MODEL, 200 * MiB).resident)

@@ -116,5 +116,17 @@ def test_chat_without_a_template_is_refused(text_model, tmp_path):
     target = tmp_path / "m"
     shutil.copytree(text_model[0], target)
     (target / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    from hermes_ort import manifest as manifest_io
+    from hermes_ort.manifest import FileSpec
+
+    with pytest.raises(hermes_ort.ManifestError, match="tokenizer_config.json has 30 bytes"):
+        manifest_io.load(target)  # the manifest lists the tokenizer's files with their sizes
+    data = json.loads((target / "manifest.json").read_text())
+    data["files"] = [f if f["path"] != "tokenizer_config.json" else FileSpec.of(target, f["path"]).__dict__
+                     for f in data["files"]]
+    (target / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(InputError, match="no chat template"):
         hermes_ort.Tokenizer.from_dir(target).apply_chat_template([{"role": "user", "content": "hi"}])
+    result = run_cli(target, "--prompt", "hi", "--chat")
+    assert result.returncode == 2 and result.stderr.strip().endswith("has no chat template (tokenizer_config.json "
+                                                                     "or chat_template.jinja)")
