@@ -88,6 +88,17 @@ def test_cli_streams_text_and_prints_the_stats_line(text_model):
     assert "first token" in stats and "tokens/s" in stats and "peak RSS" in stats and "resident" in stats
 
 
+def test_cli_prompts_file_decodes_one_batch(text_model, tmp_path):
+    out, _ = text_model
+    (tmp_path / "prompts.txt").write_text("The quick brown\n\nA man is\n")
+    with hermes_ort.TextGenerator(out) as gen:
+        want = gen(["The quick brown", "A man is"], max_new_tokens=5)
+    result = run_cli(out, "--prompts-file", tmp_path / "prompts.txt", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"--- prompt 0: The quick brown\n{want[0]}\n--- prompt 1: A man is\n{want[1]}\n"
+    assert "10 tokens" in result.stderr  # two rows of five
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prompt", ""], "prompt 0 is empty"),
     (["--prompt", "word " * 200], "exceeds the model's 128 positions"),
