@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import manifest as manifest_io
 from .decode_plan import Workload
 from .decoding import CacheLayout, Decoder, check_prompt, step_feed  # noqa: F401  (step_feed: export's feeds)
 from .errors import InputError
@@ -53,13 +54,20 @@ def stream(model: Model, input_ids: np.ndarray, max_new_tokens: int, *, attentio
     with do_sample=True, temperature, top_k, top_p, repetition_penalty and seed (see sampling.Sampling).
     Prompts [B, S] are LEFT-padded (attention_mask 0 on pads). A row that has produced an eos id keeps
     producing it; the stream ends after max_new_tokens steps or when every row has."""
-    choice = sampling_of(sampling)
+    choice = sampling_of(sampling)  # everything is checked here, before a session or a thread exists
+    manifest = model.manifest if isinstance(model, InferenceSession) else manifest_io.load(model)
+    layout = CacheLayout.of(manifest)
+    ids, mask = check_prompt(input_ids, attention_mask, max_new_tokens, layout)
+    return tokens_of(model, memory_budget, layout, ids, mask, max_new_tokens, eos_ids(eos_token_id), choice)
+
+
+def tokens_of(model: Model, memory_budget, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray,
+              max_new_tokens: int, eos: np.ndarray, choice: Sampling) -> Iterator[np.ndarray]:
+    """The generator behind stream(): the session and its engine live while it is iterated."""
+    if max_new_tokens == 0:
+        return
+    done = np.zeros(ids.shape[0], bool)
     with opened(model, memory_budget) as session:
-        layout = CacheLayout.of(session.manifest)
-        ids, mask = check_prompt(input_ids, attention_mask, max_new_tokens, layout)
-        if max_new_tokens == 0:
-            return
-        eos, done = eos_ids(eos_token_id), np.zeros(ids.shape[0], bool)
         plan = session.generation_plan(Workload(ids.shape[0], ids.shape[1], ids.shape[1] + max_new_tokens))
         with session.engine(plan) as engine:
             decoder = Decoder(engine, layout, ids, mask)

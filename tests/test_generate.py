@@ -207,6 +207,11 @@ def test_bad_prompts_are_refused_before_anything_loads(gpt2, change, message):
         with pytest.raises(InputError, match=message):
             hermes_ort.generate(session, args["input_ids"], args["max_new_tokens"],
                                 attention_mask=args["attention_mask"])
+        with pytest.raises(InputError, match=message):  # at the call, not at the first token
+            hermes_ort.stream(session, args["input_ids"], args["max_new_tokens"],
+                              attention_mask=args["attention_mask"])
+    with pytest.raises(InputError, match=message):  # a directory: nothing opened
+        hermes_ort.stream(gpt2, args["input_ids"], args["max_new_tokens"], attention_mask=args["attention_mask"])
     assert engine_threads() == []
 
 
