@@ -14,7 +14,7 @@ from . import manifest as manifest_io
 from . import profiles
 from .decode_plan import Workload, decode_profile, plan_generation
 from .decoding import CacheLayout
-from .errors import InputError
+from .errors import HermesError, InputError
 from .estimate import estimate_profile
 from .inputs import check_feed
 from .manifest import TensorSpec
@@ -68,6 +68,7 @@ class InferenceSession:
         self.tracer = tracer
         self._resident = Resident(templates)
         self._one_run_at_a_time = threading.Lock()  # passes share the resident stages and templates
+        self._running_in: int | None = None  # the thread holding it
 
     def get_inputs(self) -> list[NodeArg]:
         return [NodeArg.of(t) for t in self.manifest.inputs]
@@ -79,7 +80,7 @@ class InferenceSession:
             run_options=None) -> list[np.ndarray]:
         names = self._output_names(output_names)
         feed = check_feed(self.manifest, input_feed)
-        with self._one_run_at_a_time, Pipeline(self.directory, self.manifest, self.plan, self._resident,
+        with self._exclusive(), Pipeline(self.directory, self.manifest, self.plan, self._resident,
                                                self.tracer) as pipeline:
             outputs = pipeline.run(feed)
         return [outputs[n] for n in names]
@@ -97,9 +98,23 @@ class InferenceSession:
     def engine(self, plan: Plan | None = None) -> Iterator[Pipeline]:
         """A pipeline kept across passes (one generation): its loaders run ahead into the next pass.
         Exclusive while open; its exit joins its threads (resident stages stay, as after run())."""
-        with self._one_run_at_a_time, Pipeline(self.directory, self.manifest, plan or self.plan, self._resident,
+        with self._exclusive(), Pipeline(self.directory, self.manifest, plan or self.plan, self._resident,
                                                self.tracer, passes=None) as pipeline:
             yield pipeline
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One pass or generation at a time; other threads wait, the thread already inside (a run() from
+        within an open stream) is told instead of waiting for itself forever."""
+        if self._running_in == threading.get_ident():
+            raise HermesError("this session is already running a pass or a generation on this thread: finish or "
+                              "close the open stream first")
+        with self._one_run_at_a_time:
+            self._running_in = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._running_in = None
 
     def close(self) -> None:
         """Drops the resident sessions."""

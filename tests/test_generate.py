@@ -235,3 +235,16 @@ def test_a_budget_can_be_a_share_of_the_model(gpt2):
     model_bytes = manifest_io.load(gpt2).bytes
     with hermes_ort.InferenceSession(gpt2, memory_budget="200000%") as session:  # a MiB-sized model
         assert session.budget == 2000 * model_bytes
+
+
+def test_a_run_inside_an_open_stream_says_so_instead_of_hanging(gpt2):
+    from hermes_ort.errors import HermesError
+    from hermes_ort.feeds import synthetic_feed
+
+    with session_of(gpt2) as session:
+        tokens = hermes_ort.stream(session, prompts(1, 4), 4)
+        next(tokens)
+        with pytest.raises(HermesError, match="already running .* close the open stream first"):
+            session.run(None, synthetic_feed(session.manifest, {"sequence": 3}))
+        tokens.close()
+        assert session.run(["logits"], synthetic_feed(session.manifest, {"sequence": 3}))[0].shape[1] == 3
