@@ -194,6 +194,15 @@ def generate_text(args, budget, start):
     return gen.steps * len(prompts), first, gen.session
 
 
+def cmd_verify(args) -> None:
+    from . import manifest as manifest_io
+
+    manifest = manifest_io.load(args.model_dir, deep=True)
+    files = {f.path for s in manifest.stages for f in s.files} | {f.path for f in manifest.files}
+    print(f"{args.model_dir}: {len(manifest.stages)} stages, {len(files)} files, every size and sha256 as the "
+          f"manifest says")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hermes", description="Stream Transformer models through ONNX Runtime "
                                 "one block at a time, within a memory budget.")
@@ -257,6 +266,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="same seed, same tokens")
     gen.add_argument("--budget", help=budget_help + " (default: a share of available memory)")
     gen.set_defaults(func=cmd_generate)
+    verify = sub.add_parser("verify", help="check every file of a model directory against its manifest (sha256)")
+    verify.add_argument("model_dir")
+    verify.set_defaults(func=cmd_verify)
     return p
 
 

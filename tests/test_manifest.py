@@ -130,3 +130,16 @@ def test_front_door_mirrors_onnxruntime(model_dir):
     assert pooled.shape == (2, 64) and pooled.dtype == np.float32
     with pytest.raises(InputError, match="unknown outputs \\['logits'\\]"):
         session.run(["logits"], feed())
+
+
+def test_cli_verify_checks_every_file(model_dir, capsys):
+    from hermes_ort.__main__ import main as hermes
+
+    assert hermes(["verify", str(model_dir)]) == 0 and "every size and sha256" in capsys.readouterr().out
+    path = model_dir / "block_01.data"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    path.write_bytes(bytes(data))
+    assert hermes(["verify", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'block_01' (block_01.onnx): file" in err and "does not match its sha256" in err
