@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hermes_ort.generate import step_feed
+from hermes_ort.decoding import step_feed
 
 from .family import Case, Family, StagePlan
 

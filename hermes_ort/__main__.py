@@ -203,6 +203,29 @@ def cmd_verify(args) -> None:
           f"manifest says")
 
 
+def add_generate(sub, budget_help: str) -> None:
+    """hermes generate: text or token ids in, a KV cache through streamed stages."""
+    gen = sub.add_parser("generate", help="text (or token ids) in, text out, with a KV cache through streamed "
+                         "stages")
+    gen.add_argument("model_dir")
+    gen.add_argument("--prompt", help="text to continue (needs the model directory's tokenizer.json)")
+    gen.add_argument("--prompts-file", help="one prompt per line, decoded together as one batch")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--ids", help="prompt token ids, comma-separated (prints ids)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--eos", type=int, help="with --ids: stop when this token id is produced")
+    gen.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    gen.add_argument("--do-sample", action="store_true", help="sample (implied by the options below but "
+                     "--repetition-penalty); default greedy")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--seed", type=int, help="same seed, same tokens")
+    gen.add_argument("--budget", help=budget_help + " (default: a share of available memory)")
+    gen.set_defaults(func=cmd_generate)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hermes", description="Stream Transformer models through ONNX Runtime "
                                 "one block at a time, within a memory budget.")
@@ -247,25 +270,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", help="write a Chrome trace-event JSON (Perfetto, chrome://tracing)")
     run.set_defaults(func=cmd_run)
 
-    gen = sub.add_parser("generate", help="text (or token ids) in, text out, with a KV cache through streamed "
-                         "stages")
-    gen.add_argument("model_dir")
-    gen.add_argument("--prompt", help="text to continue (needs the model directory's tokenizer.json)")
-    gen.add_argument("--prompts-file", help="one prompt per line, decoded together as one batch")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--ids", help="prompt token ids, comma-separated (prints ids)")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--eos", type=int, help="with --ids: stop when this token id is produced")
-    gen.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
-    gen.add_argument("--do-sample", action="store_true", help="sample (implied by the options below but "
-                     "--repetition-penalty); default greedy")
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--repetition-penalty", type=float)
-    gen.add_argument("--seed", type=int, help="same seed, same tokens")
-    gen.add_argument("--budget", help=budget_help + " (default: a share of available memory)")
-    gen.set_defaults(func=cmd_generate)
+    add_generate(sub, budget_help)
     verify = sub.add_parser("verify", help="check every file of a model directory against its manifest (sha256)")
     verify.add_argument("model_dir")
     verify.set_defaults(func=cmd_verify)

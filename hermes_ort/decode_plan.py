@@ -79,8 +79,8 @@ def plan_generation(profile: Profile, layout: CacheLayout, manifest: Manifest, w
 
     Loading agents leave a core to compute, and since a one-token step is too short to hide a load, loads
     are charged as taking their CPU from compute (planner.CONTENDED_LOAD), and the window keeps room for
-    the next stage (window 1 at 25%: 2.8 tokens/s against 3.8 with window 2). Every session keeps its own intra-op pool of all cores with
-    spinning off (sessions.py). Measured on 2 cores, GPT-2 medium, prompt 32 + 16 tokens, fixed plans run
+    the next stage (window 1 at 25%: 2.8 tokens/s against 3.8 with window 2). Every session keeps its own
+    intra-op pool of all cores with spinning off (sessions.py). Measured on 2 cores, GPT-2 medium, prompt 32 + 16 tokens, fixed plans run
     through InferenceSession.engine() with bench.generate's decode loop: ORT's global pool with
     spinning was 10-14% faster with every stage resident (11.1 against 9.7 tokens/s) but starved the
     loaders when stages stream (25% budget: 3.1 against 4.4 tokens/s), and it is fixed per process at the

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import manifest as manifest_io
 from .decode_plan import Workload
-from .decoding import CacheLayout, Decoder, check_prompt, step_feed  # noqa: F401  (step_feed: export's feeds)
+from .decoding import CacheLayout, Decoder, check_prompt
 from .errors import InputError
 from .sampling import Chooser, Sampling
 from .session import InferenceSession
@@ -61,7 +61,7 @@ def stream(model: Model, input_ids: np.ndarray, max_new_tokens: int, *, attentio
     return tokens_of(model, memory_budget, layout, ids, mask, max_new_tokens, eos_ids(eos_token_id), choice)
 
 
-def tokens_of(model: Model, memory_budget, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray,
+def tokens_of(model: Model, memory_budget: int | str | None, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray,
               max_new_tokens: int, eos: np.ndarray, choice: Sampling) -> Iterator[np.ndarray]:
     """The generator behind stream(): the session and its engine live while it is iterated."""
     if max_new_tokens == 0:

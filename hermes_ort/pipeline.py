@@ -2,7 +2,7 @@
 daemon destroys each streamed session as soon as its stage has run.
 
 A Pipeline is a context manager: its exit joins every thread and drops every session it made, on
-success, on error and on KeyboardInterrupt. It serves one pass over the stages, or (`passes=None`, for
+success, on error and on KeyboardInterrupt. It serves one pass over the stages, or (`cyclic`, for
 decoding) as many passes as `run()` is called, the loaders running ahead into the next pass: the window
 wraps from the head back to block 0. Stages the plan keeps resident are handed to a `Resident` store
 that outlives the pipeline, so later passes and later pipelines skip them.
@@ -59,11 +59,11 @@ def stage_config(plan: Plan, stage: StageSpec) -> SessionConfig:
 
 
 class Schedule:
-    """What loaders load, position by position: the stages not yet resident, in order, then (for `passes=None`)
-    the streamed stages again and again."""
+    """What loaders load, position by position: the stages not yet resident, in order, then (cyclic) the
+    streamed stages again and again."""
 
-    def __init__(self, first: list[int], cycle: list[int], passes: int | None):
-        self.first, self.cycle = first, cycle if passes is None else []
+    def __init__(self, first: list[int], cycle: list[int], cyclic: bool):
+        self.first, self.cycle = first, cycle if cyclic else []
 
     def __getitem__(self, position: int) -> int | None:
         if position < len(self.first):
@@ -75,13 +75,13 @@ class Schedule:
 
 class Pipeline:
     def __init__(self, directory: Path, manifest: Manifest, plan: Plan, resident: Resident,
-                 tracer: Tracer | None = None, passes: int | None = 1):
+                 tracer: Tracer | None = None, cyclic: bool = False):
         self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
         self.tracer = tracer or NullTracer()
         resident.keep_only(set(plan.resident), manifest)
         count = range(len(manifest.stages))
         self.schedule = Schedule([i for i in count if i not in resident.stages],
-                                 [i for i in count if plan.streams(manifest.stages[i].name)], passes)
+                                 [i for i in count if plan.streams(manifest.stages[i].name)], cyclic)
         self.last_use = manifest.last_use()
         self.ready: dict[int, Prepared] = {}  # by schedule position
         self.claimed = 0  # schedule positions handed to loaders

@@ -99,7 +99,7 @@ class InferenceSession:
         """A pipeline kept across passes (one generation): its loaders run ahead into the next pass.
         Exclusive while open; its exit joins its threads (resident stages stay, as after run())."""
         with self._exclusive(), Pipeline(self.directory, self.manifest, plan or self.plan, self._resident,
-                                               self.tracer, passes=None) as pipeline:
+                                               self.tracer, cyclic=True) as pipeline:
             yield pipeline
 
     @contextlib.contextmanager
