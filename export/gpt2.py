@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hermes_ort.decoding import step_feed
+from hermes_ort.weights import head_splits
 
 from .family import Case, Family, StagePlan
 
@@ -77,16 +78,6 @@ class HeadPart(nn.Module):
         logits = F.linear(hidden.reshape(-1, e), self.weight).reshape(b, s, -1)  # 2-D: Gemm(transB=1) on W as is
         logits = torch.cat([*earlier_parts, logits], dim=-1) if self.concat else logits
         return (hidden, logits) if self.emit_normed else logits
-
-
-ROW_ALIGN = 256  # part boundaries every 256 rows keep each part 64 KiB-aligned inside wte (E % 64 == 0)
-
-
-def head_splits(vocab: int, row_bytes: int, target_bytes: int) -> list[tuple[int, int]]:
-    """Half-open row ranges of about target_bytes each, starting on ROW_ALIGN boundaries."""
-    parts = max(1, round(vocab * row_bytes / target_bytes))
-    step = -(-vocab // parts // ROW_ALIGN) * ROW_ALIGN or ROW_ALIGN
-    return [(start, min(start + step, vocab)) for start in range(0, vocab, step)]
 
 
 def head_plans(model, splits: list[tuple[int, int]]) -> list[StagePlan]:

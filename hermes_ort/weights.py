@@ -23,6 +23,17 @@ SHARE_MIN = ALIGN  # reuse another stage's bytes only for large tensors (a tied 
 # small ones that happen to be equal (freshly initialised LayerNorms): that would make stages read each other's files
 
 
+ROW_ALIGN = 256  # head parts start every 256 rows: 64 KiB-aligned inside a tied table when E % 64 == 0
+
+
+def head_splits(vocab: int, row_bytes: int, target_bytes: int) -> list[tuple[int, int]]:
+    """Half-open row ranges of an LM head of about target_bytes each (a block's size, so no stage holds the
+    whole [V, E] matrix), starting on ROW_ALIGN boundaries."""
+    parts = max(1, round(vocab * row_bytes / target_bytes))
+    step = -(-vocab // parts // ROW_ALIGN) * ROW_ALIGN or ROW_ALIGN
+    return [(start, min(start + step, vocab)) for start in range(0, vocab, step)]
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a tensor's bytes live: a data file of the model directory, half-open [offset, offset+length)."""

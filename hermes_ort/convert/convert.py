@@ -1,0 +1,157 @@
+"""`hermes convert FILE.gguf --out DIR`: a Llama-family GGUF to a model directory, on the board (no torch).
+
+Tensors are read from the memory-mapped file one stage at a time and written as the stages of the exporter's
+format. The directory is built beside its target and published only after it checks itself: every block
+against the numpy reference of that layer on random inputs, then the chained stages against the reference
+forward of the whole model on a few tokens. The tolerance and the measured differences go in the manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import manifest as manifest_io
+from ..manifest import FileSpec, Manifest, StageSpec
+from ..publish import building
+from ..sessions import SessionConfig, open_stage, run_stage
+from ..stage_files import write_stage
+from ..weights import WeightWriter, head_splits, source_reader
+from . import llama_graph, reference
+from .float_weights import Float32Weights
+from .gguf_model import ConvertError, GGUFModel
+from .gguf_tokenizer import write_tokenizer
+
+PRECISIONS = ("native", "fp32")
+# Relative to the largest magnitude of the output checked: real layers reach |x| ~ 150-500 on random inputs,
+# where float32 summation order alone moves the last digits (SmolLM2 fp32 blocks: up to 7e-6 here).
+TOLERANCE = {"fp32": 1e-4, "native": 1e-3}  # a wrong graph is off by O(1)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    manifest: Manifest
+    directory: Path
+    seconds: float
+    max_diff: float
+    notes: tuple[str, ...]  # what was left out (a tokenizer we cannot build)
+
+
+def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, precision: str = "native",
+                 check_tokens: int = 6, progress=None) -> ConvertResult:
+    if precision not in PRECISIONS:
+        raise ConvertError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    start, model = time.perf_counter(), GGUFModel(path)
+    weights = weights_for(model, precision)
+    with building(out) as tmp:
+        stages = write_stages(model, weights, tmp, progress)
+        files, notes = tokenizer_files(model, tmp)
+        manifest = describe(model, stages, files, precision)
+        manifest_io.save(manifest, tmp)
+        diffs = self_check(model, tmp, check_tokens, TOLERANCE[precision])
+        manifest = dataclasses.replace(manifest, extra={**manifest.extra, "tolerance": TOLERANCE[precision],
+                                                        **diffs})
+        manifest_io.save(manifest, tmp)
+    return ConvertResult(manifest, Path(out), time.perf_counter() - start, max(diffs.values()), notes)
+
+
+def weights_for(model: GGUFModel, precision: str):
+    if precision == "fp32":
+        return Float32Weights(model)
+    from .native_weights import NativeWeights
+
+    return NativeWeights(model)
+
+
+def write_stages(model: GGUFModel, weights, directory: Path, progress) -> list[StageSpec]:
+    s, writer, read = model.settings, WeightWriter(directory), source_reader(directory)
+    write = lambda graph, name, kind: write_stage(graph, directory, name, kind, writer, read)
+    specs = [write(llama_graph.embeddings(weights, s), "embeddings", "embeddings")]
+    block_bytes = specs[0].bytes if s.layers == 0 else None
+    splits = None
+    for i in range(s.layers):
+        specs.append(write(llama_graph.block(weights, i, s), f"block_{i:02d}", "block"))
+        block_bytes = block_bytes or specs[-1].bytes
+        progress and progress(i + 1, s.layers)
+    splits = head_splits(s.vocab, weights.row_bytes(), block_bytes)
+    for table in weights.shared_rows():
+        writer.register_rows(table, splits)
+    for j in range(len(splits)):
+        name = f"head_{j:02d}" if len(splits) > 1 else "head"
+        specs.append(write(llama_graph.head_part(weights, s, j, splits), name, "head"))
+    return specs
+
+
+def tokenizer_files(model: GGUFModel, directory: Path) -> tuple[tuple[FileSpec, ...], tuple[str, ...]]:
+    try:
+        names = write_tokenizer(model, directory)
+    except ConvertError as e:
+        return (), (str(e),)
+    return tuple(FileSpec.of(directory, n) for n in names), ()
+
+
+def describe(model: GGUFModel, stages: list[StageSpec], files: tuple[FileSpec, ...], precision: str) -> Manifest:
+    produced = {t.name for st in stages for t in st.outputs}
+    consumed = {t.name for st in stages for t in st.inputs}
+    inputs = {t.name: t for st in stages for t in st.inputs if t.name not in produced}
+    outputs = [t for st in stages for t in st.outputs if t.name not in consumed]
+    return Manifest(family=model.settings.architecture, config=model.settings.as_config(),
+                    inputs=tuple(inputs.values()), outputs=tuple(outputs), stages=tuple(stages),
+                    tokenizer="tokenizer.json" if files else None,
+                    extra={"source": str(model.path), "precision": precision,
+                           "gguf_name": model.field("general.name")}, files=files)
+
+
+def self_check(model: GGUFModel, directory: Path, tokens: int, tolerance: float) -> dict[str, float]:
+    """Max abs differences of every block and of the whole chain against the numpy reference."""
+    from ..session import InferenceSession
+
+    s, rng = model.settings, np.random.default_rng(0)
+    rows = cached_tables(model)
+    session = InferenceSession(directory, memory_budget=None)
+    worst_block = 0.0
+    for i in range(s.layers):
+        x = rng.standard_normal((tokens, s.hidden)).astype(np.float32)
+        stage = session.manifest.stage(f"block_{i:02d}")
+        got = run_stage(stage, open_stage(directory, stage, SessionConfig()), block_feed(s, i, x))
+        want = reference.block(rows, i, s, x)
+        diff = max(relative_diff(got[t.name][0], w) for t, w in zip(stage.outputs, want))
+        worst_block = check(diff, tolerance, f"block_{i:02d} against the numpy reference", worst_block)
+    ids = rng.integers(0, s.vocab, tokens)
+    feed = {"input_ids": ids[None], "position_ids": np.arange(tokens)[None], "attention_mask": np.ones((1, tokens),
+                                                                                                       np.int64)}
+    feed |= {f"past.{i}.{kv}": np.zeros((1, s.kv_heads, 0, s.head_dim), np.float32)
+             for i in range(s.layers) for kv in ("key", "value")}
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))["logits"][0]
+    chain = check(relative_diff(got, reference.logits(rows, s, ids)), tolerance,
+                  "the chained stages against the numpy forward", 0.0)
+    return {"max_rel_diff_blocks": worst_block, "max_rel_diff_logits": chain}
+
+
+def relative_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| over max(1, max |want|)."""
+    return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
+
+
+def block_feed(s, i: int, x: np.ndarray) -> dict[str, np.ndarray]:
+    seq = x.shape[0]
+    empty = np.zeros((1, s.kv_heads, 0, s.head_dim), np.float32)
+    return {f"hidden.{i}": x[None], "attention_mask": np.ones((1, seq), np.int64),
+            "position_ids": np.arange(seq)[None], f"past.{i}.key": empty, f"past.{i}.value": empty}
+
+
+def check(diff: float, tolerance: float, what: str, worst: float) -> float:
+    if not diff <= tolerance:
+        raise ConvertError(f"conversion check failed: {what} differs by {diff:.3g} (tolerance {tolerance})")
+    return max(worst, diff)
+
+
+def cached_tables(model: GGUFModel):
+    """model.rows with the [V, E] tables kept (the reference reads them for every token), nothing else."""
+    table = functools.lru_cache(maxsize=2)(model.rows)
+    return lambda name: table(name) if name in ("token_embd.weight", "output.weight") else model.rows(name)

@@ -1,0 +1,165 @@
+"""A Llama-family GGUF file read as a model: its settings, and its tensors one at a time (memory-mapped).
+
+GGUF stores a matrix of `out` rows of `in` values as numpy shape [out, in] (blocks of a quantization type
+run along `in`). llama.cpp's converter permutes the rows of Q and K for the `llama` and `mistral`
+architectures (interleaved rotary pairs); `rows()` undoes that so the graphs use transformers' layout.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import HermesError
+
+
+class ConvertError(HermesError):
+    """A GGUF file cannot be converted: not a GGUF, truncated, or an architecture or type we do not read."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What differs between Llama-family architectures in a GGUF file: one small record each."""
+
+    name: str
+    permuted_qk: bool  # llama.cpp permuted Q/K rows at conversion (llama, mistral)
+    qkv_bias: bool  # Q, K and V projections carry biases (qwen2)
+
+
+ARCHITECTURES = {a.name: a for a in (
+    Architecture("llama", permuted_qk=True, qkv_bias=False),
+    Architecture("mistral", permuted_qk=True, qkv_bias=False),
+    Architecture("qwen2", permuted_qk=False, qkv_bias=True),
+)}
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    """The numbers a Llama-family graph needs, read from the GGUF metadata."""
+
+    architecture: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    context: int
+    rope_base: float
+    rms_eps: float
+    rope_linear_factor: float = 1.0  # positions divided by it ("linear" rope scaling)
+    tied_head: bool = True
+    qkv_bias: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def as_config(self) -> dict:
+        """transformers-style names, which the rest of hermes_ort reads (max_position_embeddings, ...)."""
+        return {"architecture": self.architecture, "num_hidden_layers": self.layers, "hidden_size": self.hidden,
+                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                "intermediate_size": self.ffn, "vocab_size": self.vocab, "max_position_embeddings": self.context,
+                "rope_theta": self.rope_base, "rms_norm_eps": self.rms_eps,
+                "rope_linear_factor": self.rope_linear_factor, "tie_word_embeddings": self.tied_head}
+
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+
+
+class GGUFModel:
+    """Opens a GGUF file; `settings`, `tensor_type(name)`, `rows(name)` (float32 [out, in]) and `raw(name)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.reader = open_reader(self.path)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        arch = self.field("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise ConvertError(f"{self.path}: architecture {arch!r} is not supported (supported: "
+                               f"{', '.join(ARCHITECTURES)})")
+        self.arch = ARCHITECTURES[arch]
+        self.settings = self._settings()
+        self._check_types()
+
+    def field(self, key: str, default=None):
+        found = self.reader.get_field(key)
+        if found is None:
+            return default
+        return found.contents()
+
+    def _settings(self) -> LlamaSettings:
+        a, need = self.arch.name, self._required
+        hidden, heads = need(f"{a}.embedding_length"), need(f"{a}.attention.head_count")
+        scaling = self.field(f"{a}.rope.scaling.type", "none")
+        if scaling not in ("none", "linear"):
+            raise ConvertError(f"{self.path}: rope scaling {scaling!r} is not supported (none, linear)")
+        embed = self._tensor("token_embd.weight")
+        return LlamaSettings(
+            architecture=a, layers=need(f"{a}.block_count"), hidden=hidden, heads=heads,
+            kv_heads=self.field(f"{a}.attention.head_count_kv", heads), ffn=need(f"{a}.feed_forward_length"),
+            vocab=int(embed.shape[-1]), context=need(f"{a}.context_length"),
+            rope_base=float(self.field(f"{a}.rope.freq_base", 10000.0)),
+            rms_eps=float(need(f"{a}.attention.layer_norm_rms_epsilon")),
+            rope_linear_factor=float(self.field(f"{a}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+            tied_head="output.weight" not in self.tensors, qkv_bias=self.arch.qkv_bias)
+
+    def _required(self, key: str):
+        value = self.field(key)
+        if value is None:
+            raise ConvertError(f"{self.path}: metadata key {key!r} is missing")
+        return value
+
+    def _tensor(self, name: str):
+        if name not in self.tensors:
+            raise ConvertError(f"{self.path}: tensor {name!r} is missing")
+        return self.tensors[name]
+
+    def _check_types(self) -> None:
+        for t in self.reader.tensors:
+            if t.tensor_type.name not in SUPPORTED_TYPES:
+                raise ConvertError(f"{self.path}: tensor {t.name!r} is {t.tensor_type.name}; supported types: "
+                                   f"{', '.join(SUPPORTED_TYPES)}")
+
+    def tensor_type(self, name: str) -> str:
+        return self._tensor(name).tensor_type.name
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes [out, bytes per row] (a view of the mapped file), Q/K rows un-permuted."""
+        data = self._tensor(name).data
+        return self._unpermute(name, data.view(np.uint8).reshape(data.shape[0], -1))
+
+    def rows(self, name: str) -> np.ndarray:
+        """float32 [out, in] (or [n] for vectors), dequantized, Q/K rows un-permuted."""
+        from gguf.quants import dequantize
+
+        t = self._tensor(name)
+        values = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        return self._unpermute(name, values)
+
+    def _unpermute(self, name: str, rows: np.ndarray) -> np.ndarray:
+        if not self.arch.permuted_qk or rows.ndim != 2:
+            return rows
+        s = self.settings
+        heads = {"attn_q.weight": s.heads, "attn_k.weight": s.kv_heads}.get(name.split(".", 2)[-1])
+        if heads is None:
+            return rows
+        # llama.cpp: w.reshape(heads, 2, half, ...).swapaxes(1, 2); its inverse swaps the same two axes back
+        half = rows.shape[0] // heads // 2
+        return np.ascontiguousarray(rows.reshape(heads, half, 2, -1).swapaxes(1, 2).reshape(rows.shape))
+
+
+def open_reader(path: Path):
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise ConvertError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ConvertError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, OSError) as e:
+        raise ConvertError(f"{path}: cannot be read as GGUF (truncated or corrupt?): {e}") from e

@@ -1,0 +1,144 @@
+"""Llama-family stages written with onnx.helper: embeddings, one graph per block, head parts.
+
+Same decoder I/O as the GPT-2 exports, so generation, profiling and planning work unchanged:
+embeddings (input_ids -> hidden.0), block i (hidden.i, attention_mask [B, T], position_ids [B, S],
+past.i.key/value [B, KV, P, D] -> hidden.i+1, present.i.key/value [B, KV, P+S, D]), head parts
+(hidden.L -> logits [B, S, V]). The block is transformers' LlamaDecoderLayer: RMSNorm, rotary on
+Q and K (rotate-half layout), grouped-query attention with a causal and padding mask, SwiGLU.
+How each matrix is stored (float32 MatMul or ORT's MatMulNBits) is the `Weights` object's business.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from .gguf_model import LlamaSettings
+from .onnx_builder import BOOL, FLOAT, FLOAT_MIN, GraphBuilder, value
+
+B, S, T, P = "batch", "sequence", "total_sequence", "past_sequence"
+
+
+class Weights(Protocol):
+    """Emits a stage's weights: float32 initializers or quantized blocks."""
+
+    def linear(self, g: GraphBuilder, x: str, name: str) -> str: ...  # x [.., in] -> [.., out]
+    def vector(self, name: str) -> np.ndarray: ...  # a float32 norm weight or bias
+    def lookup(self, g: GraphBuilder, ids: str) -> str: ...  # token_embd rows for ids [B, S] -> [B, S, E]
+    def head_rows(self, g: GraphBuilder, x2d: str, start: int, stop: int) -> str: ...  # [N, E] -> [N, stop-start]
+
+
+def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
+    return g.op("SimplifiedLayerNormalization", x, g.const(weight, "norm"), axis=-1, epsilon=eps)
+
+
+def inverse_frequencies(s: LlamaSettings) -> np.ndarray:
+    """transformers' default rotary: 1 / base^(2i/D) in float32, divided by the linear scaling factor."""
+    d = s.head_dim
+    exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
+    return (np.float32(1.0) / np.float32(s.rope_base) ** exponents / np.float32(s.rope_linear_factor)).astype(
+        np.float32)
+
+
+def rotary_tables(g: GraphBuilder, s: LlamaSettings) -> tuple[str, str]:
+    """cos and sin [B, 1, S, D] of position_ids [B, S]."""
+    positions = g.op("Unsqueeze", g.op("Cast", "position_ids", to=FLOAT), g.ints(-1))  # [B, S, 1]
+    freqs = g.op("Mul", positions, g.const(inverse_frequencies(s), "inv_freq"))  # [B, S, D/2]
+    angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.ints(1))  # [B, 1, S, D]
+    return g.op("Cos", angles), g.op("Sin", angles)
+
+
+def rotate(g: GraphBuilder, x: str, cos: str, sin: str, d: int) -> str:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] over the halves of the last axis."""
+    first = g.op("Slice", x, g.ints(0), g.ints(d // 2), g.ints(-1))
+    second = g.op("Slice", x, g.ints(d // 2), g.ints(d), g.ints(-1))
+    half = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", half, sin))
+
+
+def allowed_keys(g: GraphBuilder, hidden: str) -> str:
+    """bool [B, 1, S, T]: query i (at position T-S+i) sees key j when j <= T-S+i and key j is not padding."""
+    total = g.op("Gather", g.op("Shape", "attention_mask"), g.const(np.int64(1)), axis=0)
+    seq = g.op("Gather", g.op("Shape", hidden), g.const(np.int64(1)), axis=0)
+    one, zero = g.const(np.int64(1)), g.const(np.int64(0))
+    queries = g.op("Unsqueeze", g.op("Range", g.op("Sub", total, seq), total, one), g.ints(1))  # [S, 1]
+    keys = g.op("Unsqueeze", g.op("Range", zero, total, one), g.ints(0))  # [1, T]
+    padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=BOOL), g.ints(1, 2))  # [B, 1, 1, T]
+    return g.op("And", g.op("LessOrEqual", keys, queries), padding)
+
+
+def heads(g: GraphBuilder, x: str, count: int, d: int) -> str:  # [B, S, count*D] -> [B, count, S, D]
+    return g.op("Transpose", g.op("Reshape", x, g.ints(0, 0, count, d)), perm=[0, 2, 1, 3])
+
+
+def attention(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings, allowed: str) -> str:
+    d, kv, group = s.head_dim, s.kv_heads, s.heads // s.kv_heads
+    project = lambda name: biased(g, w, x, f"blk.{i}.attn_{name}", s.qkv_bias)
+    cos, sin = rotary_tables(g, s)
+    q = rotate(g, heads(g, project("q"), s.heads, d), cos, sin, d)  # [B, H, S, D]
+    k = rotate(g, heads(g, project("k"), kv, d), cos, sin, d)  # [B, KV, S, D]
+    key = g.op("Concat", f"past.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])  # [B, KV, T, D]
+    val = g.op("Concat", f"past.{i}.value", heads(g, project("v"), kv, d), axis=2, outputs=[f"present.{i}.value"])
+    # heads h = j*group + r share KV head j: queries as [B, KV, group*S, D], so no KV copy per head
+    grouped = g.op("Reshape", q, g.ints(0, kv, -1, d))
+    scores = g.op("Mul", g.op("MatMul", grouped, g.op("Transpose", key, perm=[0, 1, 3, 2])),
+                  g.const(np.float32(1.0 / np.sqrt(d)), "scale"))  # [B, KV, group*S, T]
+    mask = g.op("Tile", allowed, g.ints(1, 1, group, 1))  # [B, 1, group*S, T], the same order as grouped
+    probs = g.op("Softmax", g.op("Where", mask, scores, g.const(np.float32(FLOAT_MIN), "min")), axis=-1)
+    context = g.op("Reshape", g.op("MatMul", probs, val), g.ints(0, s.heads, -1, d))  # [B, H, S, D]
+    merged = g.op("Reshape", g.op("Transpose", context, perm=[0, 2, 1, 3]), g.ints(0, 0, s.heads * d))
+    return w.linear(g, merged, f"blk.{i}.attn_output.weight")
+
+
+def biased(g: GraphBuilder, w: Weights, x: str, prefix: str, has_bias: bool) -> str:
+    y = w.linear(g, x, f"{prefix}.weight")
+    return g.op("Add", y, g.const(w.vector(f"{prefix}.bias"), "bias")) if has_bias else y
+
+
+def block(w: Weights, i: int, s: LlamaSettings) -> onnx.ModelProto:
+    g = GraphBuilder(f"block_{i:02d}")
+    hidden = f"hidden.{i}"
+    normed = rms_norm(g, hidden, w.vector(f"blk.{i}.attn_norm.weight"), s.rms_eps)
+    mid = g.op("Add", hidden, attention(g, w, normed, i, s, allowed_keys(g, hidden)))
+    x = rms_norm(g, mid, w.vector(f"blk.{i}.ffn_norm.weight"), s.rms_eps)
+    gate = w.linear(g, x, f"blk.{i}.ffn_gate.weight")
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), w.linear(g, x, f"blk.{i}.ffn_up.weight"))
+    g.op("Add", mid, w.linear(g, act, f"blk.{i}.ffn_down.weight"), outputs=[f"hidden.{i + 1}"])
+    past = [B, s.kv_heads, P, s.head_dim]
+    present = [B, s.kv_heads, T, s.head_dim]
+    inputs = [value(hidden, np.float32, [B, S, s.hidden]), value("attention_mask", np.int64, [B, T]),
+              value("position_ids", np.int64, [B, S]), value(f"past.{i}.key", np.float32, past),
+              value(f"past.{i}.value", np.float32, past)]
+    outputs = [value(f"hidden.{i + 1}", np.float32, [B, S, s.hidden]),
+               value(f"present.{i}.key", np.float32, present), value(f"present.{i}.value", np.float32, present)]
+    return g.model(inputs, outputs)
+
+
+def embeddings(w: Weights, s: LlamaSettings) -> onnx.ModelProto:
+    g = GraphBuilder("embeddings")
+    g.op("Identity", w.lookup(g, "input_ids"), outputs=["hidden.0"])
+    return g.model([value("input_ids", np.int64, [B, S])], [value("hidden.0", np.float32, [B, S, s.hidden])])
+
+
+def head_part(w: Weights, s: LlamaSettings, j: int, splits: list[tuple[int, int]]) -> onnx.ModelProto:
+    """Logits for vocabulary rows [start, stop). Part 0 applies the final norm and (when there are more
+    parts) passes `hidden.final` on; the last part concatenates every part's logits into `logits`."""
+    g = GraphBuilder(f"head_{j:02d}")
+    first, last, rows = j == 0, j == len(splits) - 1, splits[j]
+    source = f"hidden.{s.layers}"
+    hidden = rms_norm(g, source, w.vector("output_norm.weight"), s.rms_eps) if first else "hidden.final"
+    if first and not last:
+        g.op("Identity", hidden, outputs=["hidden.final"])
+    flat = g.op("Reshape", hidden, g.ints(-1, s.hidden))
+    batch_seq = g.op("Slice", g.op("Shape", hidden), g.ints(0), g.ints(2))
+    logits = g.op("Reshape", w.head_rows(g, flat, *rows), g.op("Concat", batch_seq, g.ints(-1), axis=0))
+    earlier = [f"logits.{p}" for p in range(j)] if last else []
+    name = "logits" if last else f"logits.{j}"
+    g.op("Concat", *earlier, logits, axis=-1, outputs=[name]) if earlier else g.op("Identity", logits, outputs=[name])
+    seq = lambda n, width: value(n, np.float32, [B, S, width])
+    inputs = [seq(source, s.hidden)] if first else [seq("hidden.final", s.hidden)] + [
+        seq(f"logits.{p}", splits[p][1] - splits[p][0]) for p in range(j) if last]
+    outputs = ([seq("hidden.final", s.hidden)] if first and not last else []) + [
+        seq(name, s.vocab if last else rows[1] - rows[0])]
+    return g.model(inputs, outputs)
