@@ -203,6 +203,32 @@ def cmd_verify(args) -> None:
           f"manifest says")
 
 
+def cmd_convert(args) -> None:
+    from .convert import convert_gguf
+
+    show = lambda done, total: print(f"\rconverting: block {done}/{total}", end="", file=sys.stderr, flush=True)
+    result = convert_gguf(args.gguf, args.out, args.precision, args.accuracy_level, progress=show)
+    print(file=sys.stderr)
+    m = result.manifest
+    print(f"converted {args.gguf} ({m.family}, {m.config['num_hidden_layers']} layers, {args.precision}): "
+          f"{len(m.stages)} stages, {format_bytes(m.bytes)} -> {args.out} in {result.seconds:.1f} s; self-check "
+          f"max relative diff {result.max_diff:.2g} (tolerance {m.extra['tolerance']})")
+    for note in result.notes:
+        print(f"note: {note}")
+
+
+def add_convert(sub) -> None:
+    conv = sub.add_parser("convert", help="a Llama-family GGUF file (llama, mistral, qwen2) to a model directory, "
+                          "no torch needed")
+    conv.add_argument("gguf", help="the .gguf file")
+    conv.add_argument("--out", required=True, help="model directory to write (replaced only once it checks out)")
+    conv.add_argument("--precision", choices=["native", "fp32"], default="native",
+                      help="native keeps Q4_0/Q4_1/Q8_0 blocks as ORT's MatMulNBits (default); fp32 dequantizes")
+    conv.add_argument("--accuracy-level", type=int, choices=[0, 4], help="native: MatMulNBits arithmetic, 0 "
+                      "float32, 4 int8 activations (default: 0 for 4-bit, 4 for 8-bit matrices)")
+    conv.set_defaults(func=cmd_convert)
+
+
 def add_generate(sub, budget_help: str) -> None:
     """hermes generate: text or token ids in, a KV cache through streamed stages."""
     gen = sub.add_parser("generate", help="text (or token ids) in, text out, with a KV cache through streamed "
@@ -271,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     add_generate(sub, budget_help)
+    add_convert(sub)
     verify = sub.add_parser("verify", help="check every file of a model directory against its manifest (sha256)")
     verify.add_argument("model_dir")
     verify.set_defaults(func=cmd_verify)

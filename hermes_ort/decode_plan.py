@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import profiles
 from .decoding import CacheLayout
-from .estimate import estimate_profile
+from .estimate import UNPACKED_QUANTIZED_SLOWDOWN, estimate_profile
 from .manifest import Manifest
 from .planner import Plan, Rules, plan
 from .profiles import Profile
@@ -53,8 +53,9 @@ def decode_profile(directory: Path, manifest: Manifest, templates: Templates, ba
         chosen = next((b for b in batches if b >= batch), batches[-1])
         return profiles.load(directory, decode_profile_name(chosen))
     estimate = estimate_profile(manifest, templates)
-    step = lambda c, s: dataclasses.replace(c, run_s=s.file_bytes / STEP_BYTES_PER_S)
-    stages = tuple(dataclasses.replace(s, plain=step(s.plain, s), prepacked=step(s.prepacked, s))
+    step = lambda c, s, slowdown=1: dataclasses.replace(c, run_s=s.file_bytes / STEP_BYTES_PER_S * slowdown)
+    slowdown = lambda s: UNPACKED_QUANTIZED_SLOWDOWN if templates.canonical[s.name].quantized else 1
+    stages = tuple(dataclasses.replace(s, plain=step(s.plain, s, slowdown(s)), prepacked=step(s.prepacked, s))
                    for s in estimate.stages)
     return dataclasses.replace(estimate, stages=stages, feed={"batch": 1, "sequence": 1, "past_sequence": 0})
 

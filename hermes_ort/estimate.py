@@ -15,6 +15,7 @@ from .templates import Templates
 ARENA_BYTES = 32 << 20  # ORT's CPU arena and activations per session at sequence 128 (hermes profile)
 LOAD_BYTES_PER_S = 1e9
 RUN_BYTES_PER_S = 2e9
+UNPACKED_QUANTIZED_SLOWDOWN = 20  # MatMulNBits without prepacking: SmolLM2 native head part 12 ms against 0.5
 
 
 def estimate_profile(manifest: Manifest, templates: Templates) -> Profile:
@@ -22,10 +23,11 @@ def estimate_profile(manifest: Manifest, templates: Templates) -> Profile:
     run only looks up, at a tenth)."""
 
     def stage(s) -> StageProfile:
-        weights = templates.canonical[s.name].weights
-        size = s.graph.bytes + sum(w.length // 10 if w.looked_up else w.length for w in weights)
+        form = templates.canonical[s.name]
+        size = s.graph.bytes + sum(w.length // 10 if w.looked_up else w.length for w in form.weights)
         load, run = size / LOAD_BYTES_PER_S, size / RUN_BYTES_PER_S
-        plain = StageCost(load, load, run, int(size * 1.1) + ARENA_BYTES)
+        slowdown = UNPACKED_QUANTIZED_SLOWDOWN if form.quantized else 1
+        plain = StageCost(load, load, run * slowdown, int(size * 1.1) + ARENA_BYTES)
         packed = StageCost(3 * load, 3 * load, 0.85 * run, int(size * 2.1) + ARENA_BYTES)
         return StageProfile(s.name, s.bytes, plain, packed)
 

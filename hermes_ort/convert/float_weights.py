@@ -9,6 +9,8 @@ from .onnx_builder import GraphBuilder
 
 
 class Float32Weights:
+    int8_activations = False
+
     def __init__(self, model: GGUFModel):
         self.model = model
         self.tables: dict[str, np.ndarray] = {}

@@ -1,0 +1,86 @@
+"""`--precision native`: the GGUF's Q4_0 / Q4_1 / Q8_0 blocks kept as they are, run by ORT's own kernels.
+
+Matrices become MatMulNBits with the weights exactly as stored. Arithmetic (`accuracy_level`): by default
+float32 for 4-bit matrices (level 0) and int8 activations for 8-bit ones (level 4, as llama.cpp computes
+every quantized dot product), because 8-bit MatMulNBits has no fast float32 kernel (a 6144 x 576 head part:
+12-15 ms at level 0, 0.12 ms at level 4; 4-bit: 0.69 and 0.14 ms; /tmp timing on this 2-core EPYC). A Q8_0 or
+Q4_0 embedding table becomes GatherBlockQuantized, and a tied head's parts are MatMulNBits over the very
+same bytes (stored once). Q4_1's block minimums are not integer zero points: MatMulNBits runs with zero
+points of 0 and a small MatMul adds blocksum(x) @ mins^T, which keeps the kernel on its fast path
+(shared/FACTS.md). Any other tensor type is dequantized to float32.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .float_weights import Float32Weights
+from .gguf_blocks import BLOCK, BYTES, Blocks, repack
+from .gguf_model import GGUFModel
+from .onnx_builder import GraphBuilder
+
+TABLE_TYPES = ("Q8_0", "Q4_0")  # GatherBlockQuantized reads these without a correction term
+
+
+class NativeWeights(Float32Weights):
+    def __init__(self, model: GGUFModel, accuracy_level: int | None = None):
+        super().__init__(model)
+        self.accuracy_level = accuracy_level
+        self.int8_activations = False  # set once a matrix runs at level 4: the self-check tolerance depends on it
+
+    def level(self, bits: int) -> int:
+        level = self.accuracy_level if self.accuracy_level is not None else (4 if bits == 8 else 0)
+        self.int8_activations |= level == 4
+        return level
+
+    @functools.lru_cache(maxsize=2)
+    def blocks(self, name: str) -> Blocks:
+        return repack(self.model.tensor_type(name), self.model.raw(name))
+
+    def quantized(self, name: str) -> bool:
+        return self.model.tensor_type(name) in BYTES
+
+    def linear(self, g: GraphBuilder, x: str, name: str) -> str:
+        if not self.quantized(name):
+            return super().linear(g, x, name)
+        return self.matmul_nbits(g, x, repack(self.model.tensor_type(name), self.model.raw(name)))
+
+    def matmul_nbits(self, g: GraphBuilder, x: str, b: Blocks, rows: slice = slice(None)) -> str:
+        codes, scales = b.codes[rows], b.scales[rows]
+        n, k = codes.shape[0], codes.shape[1] * BLOCK
+        inputs = [x, g.const(codes, "codes"), g.const(scales, "scales")]
+        if b.mins is not None:  # explicit zero points of 0, packed two per byte
+            inputs.append(g.const(np.zeros((n, (codes.shape[1] + 1) // 2), np.uint8), "zero_points"))
+        y = g.op("MatMulNBits", *inputs, domain="com.microsoft", K=k, N=n, bits=b.bits, block_size=BLOCK,
+                 accuracy_level=self.level(b.bits))
+        if b.mins is None:
+            return y
+        sums = g.op("ReduceSum", g.op("Reshape", x, g.ints(0, 0, k // BLOCK, BLOCK)), g.ints(-1), keepdims=0)
+        return g.op("Add", y, g.op("MatMul", sums, g.const(np.ascontiguousarray(b.mins[rows].T), "mins")))
+
+    def lookup(self, g: GraphBuilder, ids: str) -> str:
+        name = "token_embd.weight"
+        if self.model.tensor_type(name) not in TABLE_TYPES:
+            return super().lookup(g, ids)
+        b = self.blocks(name)
+        codes = b.codes.reshape(b.codes.shape[0], -1)  # [V, E/(8/bits)]: the head's bytes, as a 2-D table
+        return g.op("GatherBlockQuantized", g.const(codes, "table"), ids, g.const(b.scales, "scales"),
+                    domain="com.microsoft", bits=b.bits, block_size=BLOCK, gather_axis=0, quantize_axis=1)
+
+    def head_rows(self, g: GraphBuilder, x2d: str, start: int, stop: int) -> str:
+        if not self.quantized(self.head_name):
+            return super().head_rows(g, x2d, start, stop)
+        return self.matmul_nbits(g, x2d, self.blocks(self.head_name), slice(start, stop))
+
+    def shared_rows(self) -> list[np.ndarray]:
+        if not self.model.settings.tied_head or self.model.tensor_type("token_embd.weight") not in TABLE_TYPES:
+            return super().shared_rows()
+        b = self.blocks("token_embd.weight")
+        return [b.codes.reshape(b.codes.shape[0], -1), b.scales]
+
+    def row_bytes(self) -> int:
+        if not self.quantized(self.head_name):
+            return super().row_bytes()
+        b = self.blocks(self.head_name)
+        return b.codes[0].nbytes + b.scales[0].nbytes
