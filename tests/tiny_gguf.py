@@ -1,0 +1,114 @@
+"""Tiny Llama-family GGUF files written with the `gguf` package's writer, as llama.cpp writes them
+(Q/K rows permuted for llama), plus the transformers-layout float weights they hold, for references."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    arch: str = "llama"
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 128
+    matrix_type: str = "Q4_1"
+    table_type: str = "Q8_0"
+    tied: bool = True
+
+
+def byte_vocab() -> tuple[list[str], list[str]]:
+    """GPT-2's byte-to-unicode alphabet as tokens, a few merges, then special tokens."""
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    table, extra = {}, 0
+    for b in range(256):
+        table[b] = chr(b) if b in printable else chr(256 + (extra := extra + 1) - 1)
+    tokens = [table[b] for b in range(256)]
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
+    return tokens + ["Ġt", "he", "Ġthe", "in", "Ġa"], merges
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def stored(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes to write, the float32 values they hold)."""
+    qtype = GGMLQuantizationType[kind]
+    if kind == "F32":
+        return w, w
+    raw = quantize(w, qtype)
+    return raw, dequantize(raw, qtype).astype(np.float32)
+
+
+def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -> dict[str, np.ndarray]:
+    """Writes the file; returns the float32 tensors (transformers' layout) it holds, by GGUF name."""
+    rng = np.random.default_rng(seed)
+    tokens, merges = byte_vocab()
+    tokens += SPECIAL
+    vocab, d = len(tokens), cfg.hidden // cfg.heads
+    w = GGUFWriter(str(path), cfg.arch)
+    meta(w, cfg, vocab, tokens, merges)
+    values: dict[str, np.ndarray] = {}
+
+    def add(name: str, array: np.ndarray, kind: str, heads: int | None = None) -> None:
+        raw, held = stored(array.astype(np.float32), kind)
+        values[name] = held
+        if heads is not None and cfg.arch != "qwen2":
+            raw, _ = stored(permute(array.astype(np.float32), heads), kind)
+        w.add_tensor(name, raw, raw_dtype=GGMLQuantizationType[kind])
+
+    add("token_embd.weight", rng.standard_normal((vocab, cfg.hidden)) * 0.5, cfg.table_type)
+    for i in range(cfg.layers):
+        p, m = f"blk.{i}.", cfg.matrix_type
+        add(p + "attn_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
+        add(p + "attn_q.weight", rng.standard_normal((cfg.hidden, cfg.hidden)) * 0.2, m, cfg.heads)
+        add(p + "attn_k.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * 0.2, m, cfg.kv_heads)
+        add(p + "attn_v.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * 0.2, m)
+        if cfg.arch == "qwen2":
+            for n, rows in (("q", cfg.hidden), ("k", cfg.kv_heads * d), ("v", cfg.kv_heads * d)):
+                add(p + f"attn_{n}.bias", 0.1 * rng.standard_normal(rows), "F32")
+        add(p + "attn_output.weight", rng.standard_normal((cfg.hidden, cfg.hidden)) * 0.2, m)
+        add(p + "ffn_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
+        add(p + "ffn_gate.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * 0.2, m)
+        add(p + "ffn_up.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * 0.2, m)
+        add(p + "ffn_down.weight", rng.standard_normal((cfg.hidden, cfg.ffn)) * 0.2, m)
+    add("output_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
+    if not cfg.tied:
+        add("output.weight", rng.standard_normal((vocab, cfg.hidden)) * 0.5, cfg.matrix_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return values
+
+
+def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int, tokens: list[str], merges: list[str]) -> None:
+    w.add_block_count(cfg.layers)
+    w.add_context_length(128)
+    w.add_embedding_length(cfg.hidden)
+    w.add_feed_forward_length(cfg.ffn)
+    w.add_head_count(cfg.heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (vocab - len(SPECIAL)) + [3] * len(SPECIAL))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab - 2)
+    w.add_eos_token_id(vocab - 3)
+    w.add_chat_template(CHAT)
