@@ -224,8 +224,9 @@ def add_convert(sub) -> None:
     conv.add_argument("--out", required=True, help="model directory to write (replaced only once it checks out)")
     conv.add_argument("--precision", choices=["native", "fp32"], default="native",
                       help="native keeps Q4_0/Q4_1/Q8_0 blocks as ORT's MatMulNBits (default); fp32 dequantizes")
-    conv.add_argument("--accuracy-level", type=int, choices=[0, 4], help="native: MatMulNBits arithmetic, 0 "
-                      "float32, 4 int8 activations (default: 0 for 4-bit, 4 for 8-bit matrices)")
+    conv.add_argument("--accuracy-level", type=int, choices=[0, 4], default=0, help="native: MatMulNBits "
+                      "arithmetic: 0 float32, exact (Q8_0 matrices dequantized; default), 4 int8 activations "
+                      "(smaller and faster, less exact)")
     conv.set_defaults(func=cmd_convert)
 
 

@@ -19,6 +19,7 @@ from .profiles import Profile
 from .templates import Templates
 
 STEP_BYTES_PER_S = 12e9  # a one-token step reads each weight once (a GPT-2 medium block: ~4 ms, hermes profile)
+STEP_IN_FLIGHT = 16 << 20  # a one-token step's tensors beside the logits (measured: 14.8 MiB, SmolLM2 hermes profile --decode)
 ACTIVATION_COPIES = 16  # prefill activations inside a block, in hidden states [B, S, E] (MLP 4x, q/k/v, outputs)
 
 
@@ -57,7 +58,14 @@ def decode_profile(directory: Path, manifest: Manifest, templates: Templates, ba
     slowdown = lambda s: UNPACKED_QUANTIZED_SLOWDOWN if templates.canonical[s.name].quantized else 1
     stages = tuple(dataclasses.replace(s, plain=step(s.plain, s, slowdown(s)), prepacked=step(s.prepacked, s))
                    for s in estimate.stages)
-    return dataclasses.replace(estimate, stages=stages, feed={"batch": 1, "sequence": 1, "past_sequence": 0})
+    return dataclasses.replace(estimate, stages=stages, feed={"batch": 1, "sequence": 1, "past_sequence": 0},
+                               transient_bytes=STEP_IN_FLIGHT + 2 * batch * vocab_size(manifest) * 4)
+
+
+def vocab_size(manifest: Manifest) -> int:
+    logits = next((t for t in manifest.outputs if t.name == "logits"), None)
+    last = logits.shape[-1] if logits is not None else 1
+    return last if isinstance(last, int) else 1
 
 
 def hidden_size(manifest: Manifest) -> int:

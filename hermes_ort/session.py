@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from .errors import HermesError, InputError
 from .estimate import estimate_profile
 from .inputs import check_feed
 from .manifest import TensorSpec
-from .memory import available, parse_budget
+from .memory import available, parse_budget, rss
 from .pipeline import Pipeline, Resident
 from .planner import Plan, plan
 from .profiles import Profile
@@ -50,6 +51,12 @@ def model_profile(directory: Path, manifest: manifest_io.Manifest, templates: Te
     return estimate_profile(manifest, templates)
 
 
+def in_this_process(profile: Profile) -> Profile:
+    """The profile with this process's memory as its base when that is larger: what the app (a tokenizer,
+    its own arrays) already holds counts against the budget (SmolLM2's 49k-token tokenizer: +40 MiB)."""
+    return dataclasses.replace(profile, base_bytes=max(profile.base_bytes, rss()))
+
+
 class InferenceSession:
     """Streams a model directory through ORT within `memory_budget` (bytes, "400MiB" or "25%" of the model's
     bytes; None: a share of the memory available now). Inputs are checked against the manifest before
@@ -62,13 +69,22 @@ class InferenceSession:
         self.budget = (parse_budget(memory_budget, self.manifest.bytes) if memory_budget is not None
                        else int(available() * HEADROOM))
         templates = Templates(self.directory, self.manifest)
-        self.plan = plan_override or plan(model_profile(self.directory, self.manifest, templates), self.budget)
+        self._pass_plan = plan_override  # made on first use: a session used only to generate never needs it
         self._plan_override = plan_override
         self.last_generation_plan: Plan | None = None  # what the latest generation ran with (CLI stats)
         self.tracer = tracer
         self._resident = Resident(templates)
         self._one_run_at_a_time = threading.Lock()  # passes share the resident stages and templates
         self._running_in: int | None = None  # the thread holding it
+
+    @property
+    def plan(self) -> Plan:
+        """The plan of one pass at the profiled shape (profile.json, else estimated); raises BudgetError when
+        no plan fits. Generation plans its own step (generation_plan)."""
+        if self._pass_plan is None:
+            profile = model_profile(self.directory, self.manifest, self._resident.templates)
+            self._pass_plan = plan(in_this_process(profile), self.budget)
+        return self._pass_plan
 
     def get_inputs(self) -> list[NodeArg]:
         return [NodeArg.of(t) for t in self.manifest.inputs]
@@ -89,7 +105,7 @@ class InferenceSession:
         """The plan for decoding `work` within this session's budget (see decode_plan.py)."""
         if self._plan_override is not None:
             return self._plan_override
-        profile = decode_profile(self.directory, self.manifest, self._resident.templates, work.batch)
+        profile = in_this_process(decode_profile(self.directory, self.manifest, self._resident.templates, work.batch))
         self.last_generation_plan = plan_generation(profile, CacheLayout.of(self.manifest), self.manifest, work,
                                                     self.budget)
         return self.last_generation_plan

@@ -28,6 +28,7 @@ from .gguf_model import ConvertError, GGUFModel
 from .gguf_tokenizer import write_tokenizer
 
 PRECISIONS = ("native", "fp32")
+MAX_HEAD_PARTS = 8  # every stage costs a run call per token: a 3 MB native block would cut a head into 37
 # Relative to the largest magnitude of the output checked: real layers reach |x| ~ 150-500 on random inputs,
 # where float32 summation order alone moves the last digits (SmolLM2 fp32 blocks: up to 7e-6 here). A
 # matrix run with int8 activations (MatMulNBits accuracy level 4) moves them by ~1% (SmolLM2's 8-bit head:
@@ -45,9 +46,9 @@ class ConvertResult:
 
 
 def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, precision: str = "native",
-                 accuracy_level: int | None = None, check_tokens: int = 6, progress=None) -> ConvertResult:
-    """accuracy_level (native only): MatMulNBits arithmetic, 0 float32 or 4 int8 activations; None picks
-    0 for 4-bit and 4 for 8-bit matrices (native_weights.py)."""
+                 accuracy_level: int = 0, check_tokens: int = 6, progress=None) -> ConvertResult:
+    """accuracy_level (native only): MatMulNBits arithmetic, 0 float32 (Q8_0 matrices then dequantized) or 4
+    int8 activations (native_weights.py)."""
     if precision not in PRECISIONS:
         raise ConvertError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     start, model = time.perf_counter(), GGUFModel(path)
@@ -57,8 +58,7 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, precision: str
         files, notes = tokenizer_files(model, tmp)
         manifest = describe(model, stages, files, precision)
         if precision == "native":
-            level = "auto: 0 for 4-bit, 4 for 8-bit" if accuracy_level is None else accuracy_level
-            manifest = dataclasses.replace(manifest, extra={**manifest.extra, "accuracy_level": level})
+            manifest = dataclasses.replace(manifest, extra={**manifest.extra, "accuracy_level": accuracy_level})
         manifest_io.save(manifest, tmp)
         tolerance = TOLERANCE["int8 activations" if weights.int8_activations else precision]
         diffs = self_check(model, tmp, check_tokens, tolerance)
@@ -67,7 +67,7 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, precision: str
     return ConvertResult(manifest, Path(out), time.perf_counter() - start, max(diffs.values()), notes)
 
 
-def weights_for(model: GGUFModel, precision: str, accuracy_level: int | None):
+def weights_for(model: GGUFModel, precision: str, accuracy_level: int):
     if precision == "fp32":
         return Float32Weights(model)
     from .native_weights import NativeWeights
@@ -80,12 +80,12 @@ def write_stages(model: GGUFModel, weights, directory: Path, progress) -> list[S
     write = lambda graph, name, kind: write_stage(graph, directory, name, kind, writer, read)
     specs = [write(llama_graph.embeddings(weights, s), "embeddings", "embeddings")]
     block_bytes = specs[0].bytes if s.layers == 0 else None
-    splits = None
     for i in range(s.layers):
         specs.append(write(llama_graph.block(weights, i, s), f"block_{i:02d}", "block"))
         block_bytes = block_bytes or specs[-1].bytes
         progress and progress(i + 1, s.layers)
-    splits = head_splits(s.vocab, weights.row_bytes(), block_bytes)
+    head_bytes = s.vocab * weights.row_bytes()  # parts of a block's size, but at most MAX_HEAD_PARTS of them:
+    splits = head_splits(s.vocab, weights.row_bytes(), max(block_bytes, head_bytes // MAX_HEAD_PARTS))
     for table in weights.shared_rows():
         writer.register_rows(table, splits)
     for j in range(len(splits)):

