@@ -24,6 +24,18 @@ NAMED: dict[str, tuple[str, dict]] = {
     # continuations vary from token to token (at 0.02 they repeat one id) and a wrong KV cache shows
     "small-gpt2": ("gpt2", dict(n_layer=8, n_embd=512, n_head=8, vocab_size=8192, n_positions=256,
                                 bos_token_id=0, eos_token_id=0)),  # 29M: memory-budget tests in a subprocess
+    "tinyllama-1.1b": ("llama", dict(num_hidden_layers=22, hidden_size=2048, num_attention_heads=32,
+                                     num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
+                                     max_position_embeddings=2048, rms_norm_eps=1e-5)),  # 1.1B
+    "qwen2.5-0.5b": ("qwen2", dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                                   intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
+                                   rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)),  # 0.5B
+    "tiny-llama": ("llama", dict(TINY, num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
+                                 initializer_range=0.2)),  # 0.1M, 2 query heads per KV head
+    "tiny-qwen2": ("qwen2", dict(TINY, num_key_value_heads=1, vocab_size=512, max_position_embeddings=128,
+                                 tie_word_embeddings=True, initializer_range=0.2)),  # biases on q/k/v, tied
+    "tiny-mistral": ("mistral", dict(TINY, num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
+                                     initializer_range=0.2)),
     "tiny-bert": ("bert", dict(TINY, vocab_size=1000, max_position_embeddings=128)),  # 0.1M
     "tiny-vit": ("vit", dict(TINY, image_size=32, patch_size=8, num_labels=10)),  # 0.07M
 }

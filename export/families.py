@@ -8,10 +8,10 @@ import torch
 
 from hermes_ort.errors import HermesError
 
-from . import bert, configs, gpt2, vit
+from . import bert, configs, gpt2, llama, vit
 from .family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (gpt2.FAMILY, bert.FAMILY, vit.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (gpt2.FAMILY, bert.FAMILY, vit.FAMILY, *llama.FAMILIES)}
 
 
 def family_of_model_type(model_type: str, where: str) -> Family:

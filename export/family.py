@@ -43,8 +43,9 @@ class Family:
     model_types: tuple[str, ...]  # config.json "model_type" values this family reads
     build: Callable[[dict], torch.nn.Module]  # settings -> torch model with fresh (seeded) weights
     load: Callable[[str], torch.nn.Module]  # local transformers folder -> torch model
-    stages: Callable[[torch.nn.Module], list[StagePlan]]
-    trace_feed: Callable[[object, np.random.Generator], Feed]  # example inputs used to trace the export
+    stages: Callable[[torch.nn.Module], list[StagePlan]] | None  # traced by torch.onnx
+    trace_feed: Callable[[object, np.random.Generator], Feed] | None  # example inputs used to trace the export
     cases: Callable[[torch.nn.Module, np.random.Generator], list[Case]]  # references, computed before export
     extra_files: tuple[str, ...] = field(default=())  # copied from a local folder, beside TOKENIZER_FILES
     keep_outputs: tuple[str, ...] = field(default=())  # stage outputs that are model outputs though consumed
+    graphs: Callable[[torch.nn.Module], object] | None = None  # or: the converter's graphs over these tensors

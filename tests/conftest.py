@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `export` is a repo-root package, run as `python -m export`
 
-TINY = ("tiny-gpt2", "tiny-bert", "tiny-vit")
+TINY = ("tiny-gpt2", "tiny-bert", "tiny-vit", "tiny-llama", "tiny-qwen2", "tiny-mistral")
 
 
 @pytest.fixture(scope="session")
