@@ -6,6 +6,8 @@ hermes            hermes_ort.stream at the budget (the generation plan: decode p
 stream-everything load, run and free every block every token with one block of lookahead (one loader,
                   window 2, a fresh ORT session per stage, nothing resident): what other streaming tools do
 floor             max(whole-model step, bytes hermes streams per token / page-cache bandwidth of this run)
+llama.cpp         the GGUF file a model directory was converted from, through llama-cpp-python (the `peers`
+                  extra), batch 1, all cores: what people run on CPUs today (its own kernels, q8 activations)
 """
 from __future__ import annotations
 
@@ -75,13 +77,44 @@ def streamed_bytes(session, plan: Plan) -> int:
                if not w.looked_up)
 
 
+def gguf_source(manifest) -> Path | None:
+    """The GGUF file `hermes convert` read, when it is still there and llama-cpp-python is installed."""
+    import importlib.util
+
+    source = Path(str(manifest.extra.get("source", "")))
+    return source if source.suffix == ".gguf" and source.is_file() and importlib.util.find_spec("llama_cpp") else None
+
+
+def llama_cpp_decode(path: Path, manifest, tokens: int) -> tuple[float, list[float], np.ndarray]:
+    """(load seconds, stamps, tokens [1, n]): greedy over the same prompt ids, logits read after each eval."""
+    import os
+
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(str(path), n_ctx=PROMPT + tokens + 8, n_threads=os.cpu_count(), verbose=False)
+    created = time.perf_counter() - start
+    ids = prompt(1, manifest.config.get("vocab_size", 1000))[0].tolist()
+    start, stamps, out = time.perf_counter(), [], []
+    llm.eval(ids)
+    for n in range(tokens):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        stamps.append(time.perf_counter() - start)
+        if n < tokens - 1:
+            llm.eval([out[-1]])
+    return created, stamps, np.array([out])
+
+
 def worker(strategy: str, directory: Path, budget: int, batch: int, tokens: int) -> dict:
     from hermes_ort import InferenceSession
     from hermes_ort.decode_plan import Workload
 
     manifest = manifest_io.load(directory)
     start = time.perf_counter()
-    if strategy == "whole":
+    if strategy == "llama.cpp":
+        created, stamps, ids = llama_cpp_decode(gguf_source(manifest), manifest, tokens)
+        streamed = 0
+    elif strategy == "whole":
         engine, created, streamed = WholeModel(directory), time.perf_counter() - start, 0
         stamps, ids = decode(engine, manifest, batch, tokens)
     else:
@@ -130,6 +163,9 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
                 for b in budgets]
         runs.append(("stream-everything", "", run_worker(str(directory), "--worker", "stream-everything",
                                                          "--budget", "0", *common)))
+        if batch == 1 and gguf_source(manifest) is not None:
+            runs.append(("llama.cpp (same GGUF)", "", run_worker(str(directory), "--worker", "llama.cpp",
+                                                                "--budget", "0", *common)))
         rows.append(row(directory.name, batch, "whole-model ORT", None, whole, whole, None, manifest))
         for name, budget, r in runs:
             floor = batch / max(whole["step_s"], r["streamed_bytes"] / bandwidth)
@@ -154,7 +190,7 @@ def main() -> None:
     p.add_argument("--budgets", default="100%,50%,25%", help="comma-separated sizes or shares of the model's bytes")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per row")
-    p.add_argument("--worker", choices=["whole", "hermes", "stream-everything"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["whole", "hermes", "stream-everything", "llama.cpp"], help=argparse.SUPPRESS)
     p.add_argument("--budget", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()

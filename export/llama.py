@@ -36,7 +36,9 @@ def settings_of(model) -> LlamaSettings:
     return LlamaSettings(
         architecture=c.model_type, layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
         kv_heads=c.num_key_value_heads, ffn=c.intermediate_size, vocab=c.vocab_size,
-        context=c.max_position_embeddings, rope_base=float(rope.get("rope_theta", 10000.0)), rms_eps=c.rms_norm_eps,
+        context=min(c.max_position_embeddings, getattr(c, "sliding_window", None) or 1 << 62),  # attention is
+        # full: a longer context than Mistral's window would differ from transformers, so it is refused
+        rope_base=float(rope.get("rope_theta", 10000.0)), rms_eps=c.rms_norm_eps,
         rope_linear_factor=float(rope.get("factor", 1.0)) if rope.get("rope_type") == "linear" else 1.0,
         tied_head=model.lm_head.weight is model.model.embed_tokens.weight,
         qkv_bias=model.model.layers[0].self_attn.q_proj.bias is not None)

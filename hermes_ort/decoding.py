@@ -39,7 +39,10 @@ class CacheLayout:
                              f"and past.<i>.key/value, outputs logits and present.<i>.*); this model lacks "
                              f"{missing or ['past.* inputs']}")
         config = manifest.config
-        return cls(past, present_for, config.get("n_positions") or config.get("max_position_embeddings"))
+        limits = [config.get("n_positions") or config.get("max_position_embeddings")]
+        if config.get("use_sliding_window", True):  # our attention is full: beyond Mistral's window it would differ
+            limits.append(config.get("sliding_window"))
+        return cls(past, present_for, min((n for n in limits if n), default=None))
 
     def empty(self, batch: int) -> dict[str, np.ndarray]:
         """A cache of length 0: [batch, heads, 0, head_dim] per past input."""

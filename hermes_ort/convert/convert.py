@@ -122,10 +122,11 @@ def self_check(model: GGUFModel, directory: Path, tokens: int, tolerance: float)
     rows = cached_tables(model)
     session = InferenceSession(directory, memory_budget=None)
     worst_block = 0.0
+    shared = shared_tables(session.manifest, directory, tokens)
     for i in range(s.layers):
         x = rng.standard_normal((tokens, s.hidden)).astype(np.float32)
         stage = session.manifest.stage(f"block_{i:02d}")
-        got = run_stage(stage, open_stage(directory, stage, SessionConfig()), block_feed(s, i, x))
+        got = run_stage(stage, open_stage(directory, stage, SessionConfig()), {**shared, **block_feed(s, i, x)})
         want = reference.block(rows, i, s, x)
         diff = max(relative_diff(got[t.name][0], w) for t, w in zip(stage.outputs, want))
         worst_block = check(diff, tolerance, f"block_{i:02d} against the numpy reference", worst_block)
@@ -148,11 +149,18 @@ def relative_diff(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
 
 
+def shared_tables(manifest: Manifest, directory: Path, tokens: int) -> dict[str, np.ndarray]:
+    """What the embeddings stage gives every block (rotary tables, allowed keys) for `tokens` fresh positions."""
+    stage = manifest.stages[0]
+    feed = {"input_ids": np.zeros((1, tokens), np.int64), "position_ids": np.arange(tokens)[None],
+            "attention_mask": np.ones((1, tokens), np.int64)}
+    out = run_stage(stage, open_stage(directory, stage, SessionConfig()), feed)
+    return {name: out[name] for name in llama_graph.SHARED}
+
+
 def block_feed(s, i: int, x: np.ndarray) -> dict[str, np.ndarray]:
-    seq = x.shape[0]
     empty = np.zeros((1, s.kv_heads, 0, s.head_dim), np.float32)
-    return {f"hidden.{i}": x[None], "attention_mask": np.ones((1, seq), np.int64),
-            "position_ids": np.arange(seq)[None], f"past.{i}.key": empty, f"past.{i}.value": empty}
+    return {f"hidden.{i}": x[None], f"past.{i}.key": empty, f"past.{i}.value": empty}
 
 
 def check(diff: float, tolerance: float, what: str, worst: float) -> float:

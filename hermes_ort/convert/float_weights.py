@@ -28,6 +28,12 @@ class Float32Weights:
     def linear(self, g: GraphBuilder, x: str, name: str) -> str:
         return g.op("MatMul", x, g.const(np.ascontiguousarray(self.model.rows(name).T), "weight"))
 
+    def linears(self, g: GraphBuilder, x: str, names: list[str], split: bool = True) -> list[str] | str:
+        """Matrices reading the same x as one MatMul on their rows stacked, then Split (or the fused output)."""
+        rows = [self.model.rows(n) for n in names]
+        fused = g.op("MatMul", x, g.const(np.ascontiguousarray(np.concatenate(rows).T), "weight"))
+        return split_outputs(g, fused, [r.shape[0] for r in rows]) if split else fused
+
     def vector(self, name: str) -> np.ndarray:
         return self.model.rows(name)
 
@@ -43,3 +49,7 @@ class Float32Weights:
 
     def row_bytes(self) -> int:
         return self.model.settings.hidden * 4
+
+
+def split_outputs(g: GraphBuilder, fused: str, sizes: list[int]) -> list[str]:
+    return g.op("Split", fused, g.ints(*sizes), axis=-1, outputs=len(sizes))

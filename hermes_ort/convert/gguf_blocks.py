@@ -50,3 +50,10 @@ def repack(kind: str, raw: np.ndarray) -> Blocks:
     codes = (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
     mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else None
     return Blocks(4, codes, scales, mins)
+
+
+def stack(parts: list[Blocks]) -> Blocks:
+    """Matrices of one type with the same K, their rows one after another: one MatMulNBits for several."""
+    mins = None if parts[0].mins is None else np.concatenate([p.mins for p in parts])
+    return Blocks(parts[0].bits, np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                  mins)

@@ -94,13 +94,15 @@ class GGUFModel:
         a, need = self.arch.name, self._required
         hidden, heads = need(f"{a}.embedding_length"), need(f"{a}.attention.head_count")
         scaling = self.field(f"{a}.rope.scaling.type", "none")
-        if scaling not in ("none", "linear"):
-            raise ConvertError(f"{self.path}: rope scaling {scaling!r} is not supported (none, linear)")
+        if scaling not in ("none", "linear") or "rope_freqs.weight" in self.tensors:
+            kind = "per-frequency factors (rope_freqs, Llama 3.1)" if scaling in ("none", "linear") else repr(scaling)
+            raise ConvertError(f"{self.path}: rope scaling {kind} is not supported (none, linear)")
+        window = self.field(f"{a}.attention.sliding_window")  # attention is full here: refuse longer contexts
         embed = self._tensor("token_embd.weight")
         return LlamaSettings(
             architecture=a, layers=need(f"{a}.block_count"), hidden=hidden, heads=heads,
             kv_heads=self.field(f"{a}.attention.head_count_kv", heads), ffn=need(f"{a}.feed_forward_length"),
-            vocab=int(embed.shape[-1]), context=need(f"{a}.context_length"),
+            vocab=int(embed.shape[-1]), context=min(need(f"{a}.context_length"), window or 1 << 62),
             rope_base=float(self.field(f"{a}.rope.freq_base", 10000.0)),
             rms_eps=float(need(f"{a}.attention.layer_norm_rms_epsilon")),
             rope_linear_factor=float(self.field(f"{a}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,

@@ -1,9 +1,11 @@
 """Llama-family stages written with onnx.helper: embeddings, one graph per block, head parts.
 
 Same decoder I/O as the GPT-2 exports, so generation, profiling and planning work unchanged:
-embeddings (input_ids -> hidden.0), block i (hidden.i, attention_mask [B, T], position_ids [B, S],
+embeddings (input_ids, position_ids [B, S], attention_mask [B, T] -> hidden.0 and what every block shares:
+rotary.cos/sin [B, 1, S, D], attention.allowed [B, 1, group*S, T]), block i (hidden.i, those three,
 past.i.key/value [B, KV, P, D] -> hidden.i+1, present.i.key/value [B, KV, P+S, D]), head parts
-(hidden.L -> logits [B, S, V]). The block is transformers' LlamaDecoderLayer: RMSNorm, rotary on
+(hidden.L -> logits [B, S, V]). Computing the tables once, and running Q/K/V and gate/up as one matrix
+each, keeps a block at ~half the nodes: at one token per step a block's time is mostly per-node cost. The block is transformers' LlamaDecoderLayer: RMSNorm, rotary on
 Q and K (rotate-half layout), grouped-query attention with a causal and padding mask, SwiGLU.
 How each matrix is stored (float32 MatMul or ORT's MatMulNBits) is the `Weights` object's business.
 """
@@ -24,6 +26,7 @@ class Weights(Protocol):
     """Emits a stage's weights: float32 initializers or quantized blocks."""
 
     def linear(self, g: GraphBuilder, x: str, name: str) -> str: ...  # x [.., in] -> [.., out]
+    def linears(self, g: GraphBuilder, x: str, names: list[str]) -> list[str]: ...  # several outs, one matrix
     def vector(self, name: str) -> np.ndarray: ...  # a float32 norm weight or bias
     def lookup(self, g: GraphBuilder, ids: str) -> str: ...  # token_embd rows for ids [B, S] -> [B, S, E]
     def head_rows(self, g: GraphBuilder, x2d: str, start: int, stop: int) -> str: ...  # [N, E] -> [N, stop-start]
@@ -41,12 +44,16 @@ def inverse_frequencies(s: LlamaSettings) -> np.ndarray:
         np.float32)
 
 
-def rotary_tables(g: GraphBuilder, s: LlamaSettings) -> tuple[str, str]:
-    """cos and sin [B, 1, S, D] of position_ids [B, S]."""
+SHARED = ("rotary.cos", "rotary.sin", "attention.allowed")  # made by the embeddings stage, read by every block
+
+
+def rotary_tables(g: GraphBuilder, s: LlamaSettings) -> None:
+    """rotary.cos and rotary.sin [B, 1, S, D] of position_ids [B, S]."""
     positions = g.op("Unsqueeze", g.op("Cast", "position_ids", to=FLOAT), g.ints(-1))  # [B, S, 1]
     freqs = g.op("Mul", positions, g.const(inverse_frequencies(s), "inv_freq"))  # [B, S, D/2]
     angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.ints(1))  # [B, 1, S, D]
-    return g.op("Cos", angles), g.op("Sin", angles)
+    g.op("Cos", angles, outputs=["rotary.cos"])
+    g.op("Sin", angles, outputs=["rotary.sin"])
 
 
 def rotate(g: GraphBuilder, x: str, cos: str, sin: str, d: int) -> str:
@@ -57,68 +64,84 @@ def rotate(g: GraphBuilder, x: str, cos: str, sin: str, d: int) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", half, sin))
 
 
-def allowed_keys(g: GraphBuilder, hidden: str) -> str:
-    """bool [B, 1, S, T]: query i (at position T-S+i) sees key j when j <= T-S+i and key j is not padding."""
+def allowed_keys(g: GraphBuilder, s: LlamaSettings) -> None:
+    """attention.allowed, bool [B, 1, group*S, T]: query i (at position T-S+i) sees key j when j <= T-S+i
+    and key j is not padding; tiled for the `group` query heads that share a KV head."""
     total = g.op("Gather", g.op("Shape", "attention_mask"), g.const(np.int64(1)), axis=0)
-    seq = g.op("Gather", g.op("Shape", hidden), g.const(np.int64(1)), axis=0)
+    seq = g.op("Gather", g.op("Shape", "input_ids"), g.const(np.int64(1)), axis=0)
     one, zero = g.const(np.int64(1)), g.const(np.int64(0))
     queries = g.op("Unsqueeze", g.op("Range", g.op("Sub", total, seq), total, one), g.ints(1))  # [S, 1]
     keys = g.op("Unsqueeze", g.op("Range", zero, total, one), g.ints(0))  # [1, T]
     padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=BOOL), g.ints(1, 2))  # [B, 1, 1, T]
-    return g.op("And", g.op("LessOrEqual", keys, queries), padding)
+    allowed = g.op("And", g.op("LessOrEqual", keys, queries), padding)  # [B, 1, S, T]
+    g.op("Tile", allowed, g.ints(1, 1, s.heads // s.kv_heads, 1), outputs=["attention.allowed"])
 
 
 def heads(g: GraphBuilder, x: str, count: int, d: int) -> str:  # [B, S, count*D] -> [B, count, S, D]
     return g.op("Transpose", g.op("Reshape", x, g.ints(0, 0, count, d)), perm=[0, 2, 1, 3])
 
 
-def attention(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings, allowed: str) -> str:
-    d, kv, group = s.head_dim, s.kv_heads, s.heads // s.kv_heads
-    project = lambda name: biased(g, w, x, f"blk.{i}.attn_{name}", s.qkv_bias)
-    cos, sin = rotary_tables(g, s)
-    q = rotate(g, heads(g, project("q"), s.heads, d), cos, sin, d)  # [B, H, S, D]
-    k = rotate(g, heads(g, project("k"), kv, d), cos, sin, d)  # [B, KV, S, D]
+def attention(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> str:
+    d, kv = s.head_dim, s.kv_heads
+    q, k, v = projections(g, w, x, i, s)
+    q = rotate(g, heads(g, q, s.heads, d), "rotary.cos", "rotary.sin", d)  # [B, H, S, D]
+    k = rotate(g, heads(g, k, kv, d), "rotary.cos", "rotary.sin", d)  # [B, KV, S, D]
     key = g.op("Concat", f"past.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])  # [B, KV, T, D]
-    val = g.op("Concat", f"past.{i}.value", heads(g, project("v"), kv, d), axis=2, outputs=[f"present.{i}.value"])
+    val = g.op("Concat", f"past.{i}.value", heads(g, v, kv, d), axis=2, outputs=[f"present.{i}.value"])
     # heads h = j*group + r share KV head j: queries as [B, KV, group*S, D], so no KV copy per head
     grouped = g.op("Reshape", q, g.ints(0, kv, -1, d))
     scores = g.op("Mul", g.op("MatMul", grouped, g.op("Transpose", key, perm=[0, 1, 3, 2])),
                   g.const(np.float32(1.0 / np.sqrt(d)), "scale"))  # [B, KV, group*S, T]
-    mask = g.op("Tile", allowed, g.ints(1, 1, group, 1))  # [B, 1, group*S, T], the same order as grouped
-    probs = g.op("Softmax", g.op("Where", mask, scores, g.const(np.float32(FLOAT_MIN), "min")), axis=-1)
-    context = g.op("Reshape", g.op("MatMul", probs, val), g.ints(0, s.heads, -1, d))  # [B, H, S, D]
+    masked = g.op("Where", "attention.allowed", scores, g.const(np.float32(FLOAT_MIN), "min"))
+    context = g.op("Reshape", g.op("MatMul", g.op("Softmax", masked, axis=-1), val),
+                   g.ints(0, s.heads, -1, d))  # [B, H, S, D]
     merged = g.op("Reshape", g.op("Transpose", context, perm=[0, 2, 1, 3]), g.ints(0, 0, s.heads * d))
     return w.linear(g, merged, f"blk.{i}.attn_output.weight")
 
 
-def biased(g: GraphBuilder, w: Weights, x: str, prefix: str, has_bias: bool) -> str:
-    y = w.linear(g, x, f"{prefix}.weight")
-    return g.op("Add", y, g.const(w.vector(f"{prefix}.bias"), "bias")) if has_bias else y
+def projections(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> list[str]:
+    """q [B, S, H*D], k and v [B, S, KV*D]: one matrix, biases added (qwen2) before the split."""
+    names = [f"blk.{i}.attn_{n}" for n in "qkv"]
+    if not s.qkv_bias:
+        return w.linears(g, x, [n + ".weight" for n in names])
+    fused = w.linears(g, x, [f"{n}.weight" for n in names], split=False)
+    bias = np.concatenate([w.vector(n + ".bias") for n in names])
+    sizes = [s.hidden, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
+    return g.op("Split", g.op("Add", fused, g.const(bias, "bias")), g.ints(*sizes), axis=-1, outputs=3)
 
 
 def block(w: Weights, i: int, s: LlamaSettings) -> onnx.ModelProto:
     g = GraphBuilder(f"block_{i:02d}")
     hidden = f"hidden.{i}"
     normed = rms_norm(g, hidden, w.vector(f"blk.{i}.attn_norm.weight"), s.rms_eps)
-    mid = g.op("Add", hidden, attention(g, w, normed, i, s, allowed_keys(g, hidden)))
+    mid = g.op("Add", hidden, attention(g, w, normed, i, s))
     x = rms_norm(g, mid, w.vector(f"blk.{i}.ffn_norm.weight"), s.rms_eps)
-    gate = w.linear(g, x, f"blk.{i}.ffn_gate.weight")
-    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), w.linear(g, x, f"blk.{i}.ffn_up.weight"))
+    gate, up = w.linears(g, x, [f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"])
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
     g.op("Add", mid, w.linear(g, act, f"blk.{i}.ffn_down.weight"), outputs=[f"hidden.{i + 1}"])
     past = [B, s.kv_heads, P, s.head_dim]
     present = [B, s.kv_heads, T, s.head_dim]
-    inputs = [value(hidden, np.float32, [B, S, s.hidden]), value("attention_mask", np.int64, [B, T]),
-              value("position_ids", np.int64, [B, S]), value(f"past.{i}.key", np.float32, past),
-              value(f"past.{i}.value", np.float32, past)]
+    inputs = [value(hidden, np.float32, [B, S, s.hidden]), *shared_values(s),
+              value(f"past.{i}.key", np.float32, past), value(f"past.{i}.value", np.float32, past)]
     outputs = [value(f"hidden.{i + 1}", np.float32, [B, S, s.hidden]),
                value(f"present.{i}.key", np.float32, present), value(f"present.{i}.value", np.float32, present)]
     return g.model(inputs, outputs)
 
 
+def shared_values(s: LlamaSettings) -> list[onnx.ValueInfoProto]:
+    table = [B, 1, S, s.head_dim]
+    return [value("rotary.cos", np.float32, table), value("rotary.sin", np.float32, table),
+            value("attention.allowed", np.bool_, [B, 1, "group_sequence", T])]
+
+
 def embeddings(w: Weights, s: LlamaSettings) -> onnx.ModelProto:
     g = GraphBuilder("embeddings")
     g.op("Identity", w.lookup(g, "input_ids"), outputs=["hidden.0"])
-    return g.model([value("input_ids", np.int64, [B, S])], [value("hidden.0", np.float32, [B, S, s.hidden])])
+    rotary_tables(g, s)
+    allowed_keys(g, s)
+    inputs = [value("input_ids", np.int64, [B, S]), value("position_ids", np.int64, [B, S]),
+              value("attention_mask", np.int64, [B, T])]
+    return g.model(inputs, [value("hidden.0", np.float32, [B, S, s.hidden]), *shared_values(s)])
 
 
 def head_part(w: Weights, s: LlamaSettings, j: int, splits: list[tuple[int, int]]) -> onnx.ModelProto:

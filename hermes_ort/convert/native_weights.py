@@ -16,8 +16,8 @@ import functools
 
 import numpy as np
 
-from .float_weights import Float32Weights
-from .gguf_blocks import BLOCK, BYTES, Blocks, repack
+from .float_weights import Float32Weights, split_outputs
+from .gguf_blocks import BLOCK, BYTES, Blocks, repack, stack
 from .gguf_model import GGUFModel
 from .onnx_builder import GraphBuilder
 
@@ -48,6 +48,15 @@ class NativeWeights(Float32Weights):
         if not self.kept(name):
             return super().linear(g, x, name)
         return self.matmul_nbits(g, x, repack(self.model.tensor_type(name), self.model.raw(name)))
+
+    def linears(self, g: GraphBuilder, x: str, names: list[str], split: bool = True) -> list[str] | str:
+        kinds = {self.model.tensor_type(n) for n in names}
+        if len(kinds) > 1 or not all(self.kept(n) for n in names):
+            return super().linears(g, x, names, split)
+        kind = kinds.pop()
+        parts = [repack(kind, self.model.raw(n)) for n in names]
+        fused = self.matmul_nbits(g, x, stack(parts))
+        return split_outputs(g, fused, [p.codes.shape[0] for p in parts]) if split else fused
 
     def matmul_nbits(self, g: GraphBuilder, x: str, b: Blocks, rows: slice = slice(None)) -> str:
         codes, scales = b.codes[rows], b.scales[rows]
