@@ -242,6 +242,18 @@ def add_quantize(sub) -> None:
     q.set_defaults(func=cmd_quantize)
 
 
+def cmd_cache(args) -> None:
+    from . import model_cache
+
+    if args.action == "clear":
+        print(f"freed {format_bytes(model_cache.clear())} from {model_cache.cache_root()}")
+        return
+    found = model_cache.entries()
+    print(f"{model_cache.cache_root()}: {len(found)} models split from .onnx files")
+    for e in found:
+        print(f"  {e.key}  {format_bytes(e.bytes):>11}  {e.source}")
+
+
 def add_convert(sub) -> None:
     conv = sub.add_parser("convert", help="a Llama-family GGUF file (llama, mistral, qwen2) to a model directory, "
                           "no torch needed")
@@ -326,6 +338,9 @@ def parser() -> argparse.ArgumentParser:
     add_generate(sub, budget_help)
     add_convert(sub)
     add_quantize(sub)
+    cache = sub.add_parser("cache", help="models split on first use from .onnx files: list them or free them")
+    cache.add_argument("action", choices=["ls", "clear"])
+    cache.set_defaults(func=cmd_cache)
     verify = sub.add_parser("verify", help="check every file of a model directory against its manifest (sha256)")
     verify.add_argument("model_dir")
     verify.set_defaults(func=cmd_verify)

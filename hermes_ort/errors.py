@@ -1,19 +1,22 @@
-"""The few error types users catch: everything the runtime raises on bad input is a HermesError."""
+"""The few error types users catch: everything the runtime raises on bad input is a HermesError, and each
+is also what onnxruntime raises for the same misuse, so an app's existing `except` clauses keep working."""
+
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 
 class HermesError(Exception):
     """Base of every error hermes_ort raises on purpose."""
 
 
-class ManifestError(HermesError):
+class ManifestError(HermesError, Fail):
     """A model directory or its manifest.json is missing, corrupt or inconsistent."""
 
 
-class InputError(HermesError):
+class InputError(HermesError, InvalidArgument, ValueError):
     """A caller's input does not match what the manifest declares."""
 
 
-class StageError(HermesError):
+class StageError(HermesError, Fail):
     """A stage failed to load or run; the message names the stage and its file."""
 
 

@@ -20,6 +20,8 @@ from .estimate import estimate_profile
 from .inputs import check_feed
 from .manifest import TensorSpec
 from .memory import available, parse_budget, rss
+from .model_cache import model_directory
+from .ort_api import PROVIDER, UNSUPPORTED, budget_of, check_providers
 from .pipeline import Pipeline, Resident
 from .planner import Plan, plan
 from .profiles import Profile
@@ -44,11 +46,13 @@ class NodeArg:
         return cls(spec.name, f"tensor({_ORT_TYPES.get(spec.dtype, spec.dtype)})", list(spec.shape))
 
 
-def model_profile(directory: Path, manifest: manifest_io.Manifest, templates: Templates) -> Profile:
-    """profile.json when `hermes profile` has measured the model, else an estimate from weight sizes."""
+def model_profile(directory: Path, manifest: manifest_io.Manifest, templates: Templates,
+                  feed: Mapping[str, np.ndarray] | None = None) -> Profile:
+    """profile.json when `hermes profile` has measured the model, else an estimate from weight sizes and
+    the feed's shapes."""
     if (directory / profiles.PROFILE_NAME).is_file():
         return profiles.load(directory)
-    return estimate_profile(manifest, templates)
+    return estimate_profile(manifest, templates, feed)
 
 
 def in_this_process(profile: Profile, templates: Templates) -> Profile:
@@ -72,10 +76,20 @@ class InferenceSession:
     bytes; None: a share of the memory available now). Inputs are checked against the manifest before
     anything is loaded. Stages the plan keeps resident stay loaded until `close()`."""
 
-    def __init__(self, model_dir: str | os.PathLike, memory_budget: int | str | None = None,
-                 plan_override: Plan | None = None, tracer: Tracer | None = None):
-        self.directory = Path(model_dir)
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes, sess_options=None, providers=None,
+                 memory_budget: int | str | None = None, plan_override: Plan | None = None,
+                 tracer: Tracer | None = None, *, provider_options=None):
+        """path_or_bytes: a model directory, an .onnx file (split on first use into the cache, see
+        model_cache.py) or model bytes. onnxruntime's arguments are accepted: providers must include
+        CPUExecutionProvider (provider_options are ignored); the budget comes from memory_budget, else sess_options' `hermes.memory_budget`
+        entry, else $HERMES_ORT_MEMORY_BUDGET, else a share of the memory available now."""
+        if isinstance(sess_options, (str, int)) and memory_budget is None:  # hermes-ort 0.1: (dir, budget)
+            sess_options, memory_budget = None, sess_options
+        check_providers(providers)
+        self.sess_options = sess_options
+        self.directory = model_directory(path_or_bytes)
         self.manifest = manifest_io.load(self.directory)
+        memory_budget = budget_of(memory_budget, sess_options)
         self.budget = (parse_budget(memory_budget, self.manifest.bytes) if memory_budget is not None
                        else int(available() * HEADROOM))
         templates = Templates(self.directory, self.manifest)
@@ -89,13 +103,31 @@ class InferenceSession:
 
     @property
     def plan(self) -> Plan:
-        """The plan of one pass at the profiled shape (profile.json, else estimated); raises BudgetError when
-        no plan fits. Generation plans its own step (generation_plan)."""
+        """The plan of one pass at the profiled shape (profile.json, else estimated at the first run's input
+        shapes); raises BudgetError when no plan fits. Generation plans its own step (generation_plan)."""
+        return self._plan_for(None)
+
+    def _plan_for(self, feed: Mapping[str, np.ndarray] | None) -> Plan:
         if self._pass_plan is None:
-            profile = model_profile(self.directory, self.manifest, self._resident.templates)
+            profile = model_profile(self.directory, self.manifest, self._resident.templates, feed)
             templates = self._resident.templates
             self._pass_plan = quantized_prepacked(plan(in_this_process(profile, templates), self.budget), templates)
         return self._pass_plan
+
+    def get_providers(self) -> list[str]:
+        return [PROVIDER]
+
+    def get_provider_options(self) -> dict:
+        return {PROVIDER: {}}
+
+    def get_session_options(self):
+        return self.sess_options
+
+    def __getattr__(self, name: str):
+        if name in UNSUPPORTED:
+            raise NotImplementedError(f"hermes_ort.InferenceSession does not support {name}(): stages stream one "
+                                      f"at a time, so use run(output_names, input_feed)")
+        raise AttributeError(f"'InferenceSession' object has no attribute '{name}'")
 
     def get_inputs(self) -> list[NodeArg]:
         return [NodeArg.of(t) for t in self.manifest.inputs]
@@ -107,7 +139,7 @@ class InferenceSession:
             run_options=None) -> list[np.ndarray]:
         names = self._output_names(output_names)
         feed = check_feed(self.manifest, input_feed)
-        with self._exclusive(), Pipeline(self.directory, self.manifest, self.plan, self._resident,
+        with self._exclusive(), Pipeline(self.directory, self.manifest, self._plan_for(feed), self._resident,
                                                self.tracer) as pipeline:
             outputs = pipeline.run(feed)
         return [outputs[n] for n in names]

@@ -123,7 +123,7 @@ def assign(nodes: list[Node], request: SplitRequest) -> tuple[list[int], dict[in
         return numbered(balanced(nodes, request.stages))
     found = by_block_names(nodes)
     if found is None:
-        return numbered(balanced(nodes, max(2, min(8, len(nodes) // 50))))
+        return numbered(balanced(nodes, min(len(nodes), max(2, min(8, len(nodes) // 50)))))
     head = max(found)
     names = {k: "embeddings" if k == 0 else "head" if k == head and not is_block(nodes, found, k)
              else f"block_{k - 1:02d}" for k in set(found)}
