@@ -1,7 +1,6 @@
 """hermes convert: tiny GGUF files written by the gguf package's writer, converted with no torch involved."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np

@@ -1,0 +1,122 @@
+"""The `hermes generate`, `convert`, `quantize` and `cache` commands: plain functions over parsed arguments
+(the parser itself lives in __main__.py)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .errors import HermesError
+from .memory import format_bytes, parse_budget, peak_rss
+
+
+def sampling_args(args) -> dict:
+    """The sampling flags given; any of temperature, top-k, top-p or seed asks for sampling."""
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    options = {k: v for k, v in given.items() if v is not None}
+    if args.do_sample or options.keys() - {"repetition_penalty"}:
+        options["do_sample"] = True
+    return options
+
+
+def prompts_of(args) -> list[str]:
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text().splitlines()
+        except OSError as e:
+            raise HermesError(f"cannot read --prompts-file: {e}") from None
+        return [line for line in lines if line.strip()] or [""]
+    return [args.prompt]
+
+
+def cmd_generate(args) -> None:
+    from . import manifest as manifest_io
+
+    budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
+    start = time.perf_counter()
+    if args.ids is None and args.prompt is None and args.prompts_file is None:
+        raise HermesError("give --prompt TEXT, --prompts-file FILE or --ids 1,2,3")
+    count, first, session = (generate_ids if args.ids is not None else generate_text)(args, budget, start)
+    seconds = time.perf_counter() - start
+    plan = session.last_generation_plan or session.plan
+    rate = (count - 1) / max(seconds - first, 1e-9) if count > 1 else 0.0
+    streamed = len(session.manifest.stages) - len(plan.resident)
+    print(f"\n{count} tokens; first token {first:.2f} s, then {rate:.2f} tokens/s; peak RSS "
+          f"{format_bytes(peak_rss())} (budget {format_bytes(session.budget)}; plan: {len(plan.resident)} "
+          f"resident, {streamed} streamed stages, {plan.loaders} loaders, window {plan.window})", file=sys.stderr)
+
+
+def generate_ids(args, budget, start):
+    import numpy as np
+
+    from .generate import stream
+    from .session import InferenceSession
+
+    try:
+        prompt = np.array([[int(t) for t in args.ids.split(",")]], np.int64)
+    except ValueError:
+        raise HermesError(f"--ids must be comma-separated token ids, got {args.ids!r}") from None
+    with InferenceSession(args.model_dir, memory_budget=budget) as session:
+        tokens, first = [], 0.0
+        for step in stream(session, prompt, args.max_new_tokens, eos_token_id=args.eos, **sampling_args(args)):
+            first = first or time.perf_counter() - start
+            tokens.append(int(step[0]))
+        print(",".join(map(str, tokens)))
+    return len(tokens), first, session
+
+
+def generate_text(args, budget, start):
+    from .text import TextGenerator
+
+    options = dict(max_new_tokens=args.max_new_tokens, chat=args.chat, stop=args.stop or (), **sampling_args(args))
+    prompts = prompts_of(args)
+    with TextGenerator(args.model_dir, memory_budget=budget) as gen:
+        if len(prompts) == 1:
+            for piece in gen.stream(prompts[0], **options):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            for k, text in enumerate(gen(prompts, **options)):
+                print(f"--- prompt {k}: {prompts[k]}\n{text}")
+    first = (gen.first_token_at or time.perf_counter()) - start
+    return gen.steps * len(prompts), first, gen.session
+
+
+def cmd_convert(args) -> None:
+    from .convert import convert_gguf
+
+    show = lambda done, total: print(f"\rconverting: block {done}/{total}", end="", file=sys.stderr, flush=True)
+    result = convert_gguf(args.gguf, args.out, args.precision, args.accuracy_level, progress=show)
+    print(file=sys.stderr)
+    m = result.manifest
+    print(f"converted {args.gguf} ({m.family}, {m.config['num_hidden_layers']} layers, {args.precision}): "
+          f"{len(m.stages)} stages, {format_bytes(m.bytes)} -> {args.out} in {result.seconds:.1f} s; self-check "
+          f"max relative diff {result.max_diff:.2g} (tolerance {m.extra['tolerance']})")
+    for note in result.notes:
+        print(f"note: {note}")
+
+
+def cmd_quantize(args) -> None:
+    from .convert.quantize import QuantizeSettings, quantize_dir
+
+    settings = QuantizeSettings(args.bits, args.block_size, args.accuracy_level, args.head_bits)
+    start = time.perf_counter()
+    m = quantize_dir(args.model_dir, args.out, settings)
+    print(f"quantized {args.model_dir} to int{args.bits} (head int{args.head_bits}, block {args.block_size}, "
+          f"accuracy level {args.accuracy_level}): {format_bytes(m.bytes)} -> {args.out} in "
+          f"{time.perf_counter() - start:.1f} s")
+    for output, figures in m.extra["drift"].items():
+        print(f"  drift of '{output}': " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+
+
+def cmd_cache(args) -> None:
+    from . import model_cache
+
+    if args.action == "clear":
+        print(f"freed {format_bytes(model_cache.clear())} from {model_cache.cache_root()}")
+        return
+    found = model_cache.entries()
+    print(f"{model_cache.cache_root()}: {len(found)} models split from .onnx files")
+    for e in found:
+        print(f"  {e.key}  {format_bytes(e.bytes):>11}  {e.source}")
