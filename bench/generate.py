@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from hermes_ort import manifest as manifest_io
-from hermes_ort.decoding import CacheLayout, Decoder, check_prompt
-from hermes_ort.loading import read_ahead
-from hermes_ort.memory import format_bytes, parse_budget, peak_rss
-from hermes_ort.planner import Plan
-from hermes_ort.report import table
+from hermes_ort.format import manifest as manifest_io
+from hermes_ort.generation.decoding import CacheLayout, Decoder, check_prompt
+from hermes_ort.engine.loading import read_ahead
+from hermes_ort.engine.memory import format_bytes, parse_budget, peak_rss
+from hermes_ort.planning.planner import Plan
+from hermes_ort.planning.report import table
 
 from .machine import describe
 from .strategies import prepare_whole
@@ -107,7 +107,7 @@ def llama_cpp_decode(path: Path, manifest, tokens: int) -> tuple[float, list[flo
 
 def worker(strategy: str, directory: Path, budget: int, batch: int, tokens: int) -> dict:
     from hermes_ort import InferenceSession
-    from hermes_ort.decode_plan import Workload
+    from hermes_ort.generation.decode_plan import Workload
 
     manifest = manifest_io.load(directory)
     start = time.perf_counter()

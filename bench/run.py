@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hermes_ort import manifest as manifest_io
-from hermes_ort.memory import format_bytes, parse_budget
-from hermes_ort.report import table
+from hermes_ort.format import manifest as manifest_io
+from hermes_ort.engine.memory import format_bytes, parse_budget
+from hermes_ort.planning.report import table
 
 from .machine import describe
 from .strategies import STRATEGIES, prepare_whole

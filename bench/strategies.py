@@ -14,12 +14,12 @@ import numpy as np
 import onnxruntime as ort
 
 from hermes_ort import InferenceSession
-from hermes_ort.chain import run_chain
-from hermes_ort.manifest import Manifest
-from hermes_ort.merge import merge_stages
-from hermes_ort.planner import Plan
-from hermes_ort.sessions import SessionConfig, open_stage
-from hermes_ort.templates import OwnedStage
+from hermes_ort.engine.chain import run_chain
+from hermes_ort.format.manifest import Manifest
+from hermes_ort.graphs.merge import merge_stages
+from hermes_ort.planning.planner import Plan
+from hermes_ort.engine.sessions import SessionConfig, open_stage
+from hermes_ort.engine.templates import OwnedStage
 
 
 def whole(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple[dict, float, float]:

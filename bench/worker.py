@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hermes_ort import manifest as manifest_io
-from hermes_ort.feeds import synthetic_feed
-from hermes_ort.memory import peak_rss
+from hermes_ort.format import manifest as manifest_io
+from hermes_ort.engine.feeds import synthetic_feed
+from hermes_ort.engine.memory import peak_rss
 
 from .strategies import STRATEGIES
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from hermes_ort.errors import HermesError
-from hermes_ort.memory import format_bytes
+from hermes_ort.engine.memory import format_bytes
 
 from .build import export_model
 from .configs import NAMED

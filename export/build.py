@@ -17,15 +17,15 @@ import numpy as np
 from tqdm import tqdm
 
 import hermes_ort
-from hermes_ort import manifest as manifest_io
+from hermes_ort.format import manifest as manifest_io
 from hermes_ort.convert.convert import write_stages
 from hermes_ort.convert.float_weights import Float32Weights
 from hermes_ort.errors import HermesError
-from hermes_ort.manifest import FileSpec, Manifest, StageSpec
-from hermes_ort.publish import building
-from hermes_ort.stage_files import write_stage
-from hermes_ort.tokenizer import TOKENIZER_FILES
-from hermes_ort.weights import WeightWriter, source_reader
+from hermes_ort.format.manifest import FileSpec, Manifest, StageSpec
+from hermes_ort.format.publish import building
+from hermes_ort.format.stage_files import write_stage
+from hermes_ort.generation.tokenizer import TOKENIZER_FILES
+from hermes_ort.format.weights import WeightWriter, source_reader
 
 from .families import load_source
 from .family import Family

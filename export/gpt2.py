@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hermes_ort.decoding import step_feed
-from hermes_ort.weights import head_splits
+from hermes_ort.generation.decoding import step_feed
+from hermes_ort.format.weights import head_splits
 
 from .family import Case, Family, StagePlan
 

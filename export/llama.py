@@ -83,7 +83,7 @@ def empty_past(s: LlamaSettings, batch: int) -> dict[str, np.ndarray]:
 
 def cases(model, rng, seq: int = 12) -> list[Case]:
     """Whole sequence without past, and the same tokens as a prefix step then a step with past."""
-    from hermes_ort.decoding import step_feed
+    from hermes_ort.generation.decoding import step_feed
 
     s = settings_of(model)
     ids = rng.integers(0, s.vocab, (2, seq))

@@ -2,11 +2,11 @@
 from .errors import BudgetError, HermesError, InputError, ManifestError, SplitError, StageError
 from .ort_api import (ExecutionMode, GraphOptimizationLevel, RunOptions, SessionOptions, get_available_providers,
                       get_device, onnxruntime_version)
-from .generate import generate, stream
-from .sampling import Sampling
+from .generation.generate import generate, stream
+from .generation.sampling import Sampling
 from .session import InferenceSession, NodeArg
-from .text import TextGenerator
-from .tokenizer import Tokenizer
+from .generation.text import TextGenerator
+from .generation.tokenizer import Tokenizer
 
 __version__ = "0.2.0"
 __all__ = ["InferenceSession", "generate", "stream", "TextGenerator", "Tokenizer", "Sampling",

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from .commands import cmd_cache, cmd_convert, cmd_generate, cmd_quantize
 from .errors import HermesError
-from .memory import available, format_bytes, parse_budget, peak_rss
+from .engine.memory import available, format_bytes, parse_budget, peak_rss
 
 
 def cmd_split(args) -> None:
-    from .split import SplitRequest, split_model
+    from .graphs.split import SplitRequest, split_model
 
     manifest = split_model(args.model, args.out, SplitRequest(stages=args.stages, cuts=tuple(args.cut or ())))
     print(f"split {args.model}: {len(manifest.stages)} stages, {format_bytes(manifest.bytes)} -> {args.out}")
@@ -26,18 +26,19 @@ def axes(args) -> dict:
 
 def decode_axes(args, manifest) -> dict:
     """A one-token step at the longest context: the model's positions, at most 1024, unless --max-length."""
-    from .decoding import CacheLayout
+    from .generation.decoding import CacheLayout
 
     longest = args.max_length or min(CacheLayout.of(manifest).max_positions or 1024, 1024)
     return {"batch": args.batch, "sequence": 1, "past_sequence": longest - 1}
 
 
 def cmd_profile(args) -> None:
-    from . import manifest as manifest_io, profiles
-    from .feeds import synthetic_feed
-    from .profiler import profile_model
-    from .decode_plan import decode_profile_name
-    from .report import profile_table
+    from .format import manifest as manifest_io
+    from .planning import profiles
+    from .engine.feeds import synthetic_feed
+    from .planning.profiler import profile_model
+    from .generation.decode_plan import decode_profile_name
+    from .planning.report import profile_table
 
     manifest = manifest_io.load(args.model_dir)
     sizes = decode_axes(args, manifest) if args.decode else axes(args)
@@ -48,12 +49,12 @@ def cmd_profile(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from . import manifest as manifest_io
-    from .planner import default_budgets, plan, plan_table
-    from .report import plan_rows, plan_text
+    from .format import manifest as manifest_io
+    from .planning.planner import default_budgets, plan, plan_table
+    from .planning.report import plan_rows, plan_text
     from .session import model_profile
 
-    from .templates import Templates
+    from .engine.templates import Templates
 
     manifest = manifest_io.load(args.model_dir)
     if args.decode:
@@ -66,12 +67,12 @@ def cmd_plan(args) -> None:
 
 
 def print_generation_plan(args, manifest) -> None:
-    from .decode_plan import Workload, decode_profile, measured_batches, plan_generation
-    from .decoding import CacheLayout
-    from .profiles import DECODE_PROFILE_NAME
-    from .report import plan_text
+    from .generation.decode_plan import Workload, decode_profile, measured_batches, plan_generation
+    from .generation.decoding import CacheLayout
+    from .planning.profiles import DECODE_PROFILE_NAME
+    from .planning.report import plan_text
     from .session import HEADROOM
-    from .templates import Templates
+    from .engine.templates import Templates
 
     directory = Path(args.model_dir)
     if not measured_batches(directory):
@@ -92,12 +93,12 @@ def print_generation_plan(args, manifest) -> None:
 def cmd_run(args) -> None:
     import numpy as np
 
-    from .feeds import synthetic_feed
+    from .engine.feeds import synthetic_feed
     from .session import InferenceSession
-    from .trace import Tracer
+    from .engine.trace import Tracer
 
-    from . import manifest as manifest_io
-    from .profiles import PROFILE_NAME
+    from .format import manifest as manifest_io
+    from .planning.profiles import PROFILE_NAME
 
     tracer = Tracer() if args.trace else None
     budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
@@ -123,7 +124,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from . import manifest as manifest_io
+    from .format import manifest as manifest_io
 
     manifest = manifest_io.load(args.model_dir, deep=True)
     files = {f.path for s in manifest.stages for f in s.files} | {f.path for f in manifest.files}

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .errors import HermesError
-from .memory import format_bytes, parse_budget, peak_rss
+from .engine.memory import format_bytes, parse_budget, peak_rss
 
 
 def sampling_args(args) -> dict:
@@ -31,7 +31,7 @@ def prompts_of(args) -> list[str]:
 
 
 def cmd_generate(args) -> None:
-    from . import manifest as manifest_io
+    from .format import manifest as manifest_io
 
     budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
     start = time.perf_counter()
@@ -50,7 +50,7 @@ def cmd_generate(args) -> None:
 def generate_ids(args, budget, start):
     import numpy as np
 
-    from .generate import stream
+    from .generation.generate import stream
     from .session import InferenceSession
 
     try:
@@ -67,7 +67,7 @@ def generate_ids(args, budget, start):
 
 
 def generate_text(args, budget, start):
-    from .text import TextGenerator
+    from .generation.text import TextGenerator
 
     options = dict(max_new_tokens=args.max_new_tokens, chat=args.chat, stop=args.stop or (), **sampling_args(args))
     prompts = prompts_of(args)

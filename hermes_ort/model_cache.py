@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import manifest as manifest_io
+from .format import manifest as manifest_io
 from .errors import ManifestError
-from .manifest import VERSION, sha256_of
-from .split import split_model
+from .format.manifest import VERSION, sha256_of
+from .graphs.split import split_model
 
 CACHE_ENV = "HERMES_ORT_CACHE"
 MARKER = "hermes-cache.json"

@@ -11,22 +11,22 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import manifest as manifest_io
-from . import profiles
-from .decode_plan import Workload, decode_profile, plan_generation
-from .decoding import CacheLayout
+from .format import manifest as manifest_io
+from .planning import profiles
+from .generation.decode_plan import Workload, decode_profile, plan_generation
+from .generation.decoding import CacheLayout
 from .errors import HermesError, InputError
-from .estimate import estimate_profile
-from .inputs import check_feed
-from .manifest import TensorSpec
-from .memory import available, parse_budget, rss
+from .planning.estimate import estimate_profile
+from .engine.inputs import check_feed
+from .format.manifest import TensorSpec
+from .engine.memory import available, parse_budget, rss
 from .model_cache import model_directory
 from .ort_api import PROVIDER, UNSUPPORTED, budget_of, check_providers
-from .pipeline import Pipeline, Resident
-from .planner import Plan, plan
-from .profiles import Profile
-from .templates import Templates
-from .trace import Tracer
+from .engine.pipeline import Pipeline, Resident
+from .planning.planner import Plan, plan
+from .planning.profiles import Profile
+from .engine.templates import Templates
+from .engine.trace import Tracer
 
 _ORT_TYPES = {"float32": "float", "float64": "double", "float16": "float16", "int64": "int64",
               "int32": "int32", "int8": "int8", "uint8": "uint8", "bool": "bool"}

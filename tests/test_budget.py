@@ -5,17 +5,18 @@ import sys
 
 import pytest
 
-from hermes_ort import manifest as manifest_io
-from hermes_ort import profiles
-from hermes_ort.memory import format_bytes
-from hermes_ort.planner import minimum_budget
+from hermes_ort.format import manifest as manifest_io
+from hermes_ort.planning import profiles
+from hermes_ort.engine.memory import format_bytes
+from hermes_ort.planning.planner import minimum_budget
 
 MiB = 1 << 20
 PEAK_OF_RUN = """
 import json, sys
-from hermes_ort import InferenceSession, manifest
-from hermes_ort.feeds import synthetic_feed
-from hermes_ort.memory import peak_rss
+from hermes_ort import InferenceSession
+from hermes_ort.format import manifest
+from hermes_ort.engine.feeds import synthetic_feed
+from hermes_ort.engine.memory import peak_rss
 budget = int(sys.argv[2])
 with InferenceSession(sys.argv[1], memory_budget=budget) as s:
     s.run(None, synthetic_feed(s.manifest))
@@ -26,10 +27,10 @@ print(json.dumps({"peak": peak_rss(), "window": s.plan.window, "resident": len(s
 PEAK_OF_WHOLE = """
 import json, sys
 import onnxruntime as ort
-from hermes_ort import manifest
-from hermes_ort.feeds import synthetic_feed
-from hermes_ort.memory import peak_rss
-from hermes_ort.merge import merge_stages
+from hermes_ort.format import manifest
+from hermes_ort.engine.feeds import synthetic_feed
+from hermes_ort.engine.memory import peak_rss
+from hermes_ort.graphs.merge import merge_stages
 m = manifest.load(sys.argv[1])
 ort.InferenceSession(str(merge_stages(m and __import__('pathlib').Path(sys.argv[1]), m))).run(None, synthetic_feed(m))
 print(json.dumps({"peak": peak_rss()}))
@@ -111,7 +112,7 @@ def test_peak_is_not_inherited_from_a_large_parent():
     """Regression: ru_maxrss of a child spawned by this (torch-sized) process reported the parent's size."""
     import torch  # noqa: F401  (makes this process large, as pytest with the exporter is)
 
-    child = fresh_process("import json; from hermes_ort.memory import peak_rss; print(json.dumps({'peak': peak_rss()}))")
+    child = fresh_process("import json; from hermes_ort.engine.memory import peak_rss; print(json.dumps({'peak': peak_rss()}))")
     assert child["peak"] < 150 * MiB
 
 
@@ -119,7 +120,7 @@ def test_cli_run_reads_inputs_from_npz(small, tmp_path):
     import numpy as np
 
     import hermes_ort
-    from hermes_ort.feeds import synthetic_feed
+    from hermes_ort.engine.feeds import synthetic_feed
 
     directory, _ = small
     with hermes_ort.InferenceSession(directory) as session:
@@ -135,8 +136,8 @@ def test_cli_run_reads_inputs_from_npz(small, tmp_path):
 
 SPLIT_PEAK = """
 import json, sys
-from hermes_ort.memory import peak_rss, rss
-from hermes_ort.split import split_model
+from hermes_ort.engine.memory import peak_rss, rss
+from hermes_ort.graphs.split import split_model
 base = rss()
 manifest = split_model(sys.argv[1], sys.argv[2])
 print(json.dumps({"base": base, "peak": peak_rss(), "bytes": manifest.bytes}))
@@ -145,7 +146,7 @@ print(json.dumps({"base": base, "peak": peak_rss(), "bytes": manifest.bytes}))
 
 def test_split_streams_weights_tensor_by_tensor(small, tmp_path):
     """The splitter never holds the model's weights at once (what lets it cut models over 2 GB)."""
-    from hermes_ort.merge import merge_stages
+    from hermes_ort.graphs.merge import merge_stages
 
     directory, _ = small
     whole = merge_stages(directory, manifest_io.load(directory))
@@ -157,12 +158,13 @@ def test_split_streams_weights_tensor_by_tensor(small, tmp_path):
 ESTIMATED_RUN = """
 import json, sys
 from pathlib import Path
-from hermes_ort import InferenceSession, manifest
-from hermes_ort.estimate import estimate_profile
-from hermes_ort.feeds import synthetic_feed
-from hermes_ort.memory import peak_rss
-from hermes_ort.planner import minimum_budget
-from hermes_ort.templates import Templates
+from hermes_ort import InferenceSession
+from hermes_ort.format import manifest
+from hermes_ort.planning.estimate import estimate_profile
+from hermes_ort.engine.feeds import synthetic_feed
+from hermes_ort.engine.memory import peak_rss
+from hermes_ort.planning.planner import minimum_budget
+from hermes_ort.engine.templates import Templates
 m = manifest.load(sys.argv[1])
 budget = minimum_budget(estimate_profile(m, Templates(Path(sys.argv[1]), m))) + 8 * 2**20
 with InferenceSession(sys.argv[1], memory_budget=budget) as s:

@@ -13,8 +13,8 @@ from hermes_ort import __main__ as cli
 from hermes_ort.convert import ConvertError, convert_gguf, reference
 from hermes_ort.convert.gguf_blocks import repack
 from hermes_ort.convert.gguf_model import LlamaSettings
-from hermes_ort.planner import Plan
-from hermes_ort.tokenizer import Tokenizer
+from hermes_ort.planning.planner import Plan
+from hermes_ort.generation.tokenizer import Tokenizer
 
 from tiny_gguf import TinyConfig, write_tiny_gguf
 
@@ -100,7 +100,7 @@ def test_manifest_states_precision_and_the_measured_check(converted):
     assert extra["max_rel_diff_logits"] <= extra["tolerance"]
     assert result.manifest.family == cfg.arch
     assert {"embeddings", "block_00", "block_01"} <= {st.name for st in result.manifest.stages}
-    hermes_ort.manifest.load(result.directory, deep=True)  # every file's sha256 as stated
+    hermes_ort.format.manifest.load(result.directory, deep=True)  # every file's sha256 as stated
 
 
 def test_native_keeps_quantized_bytes(converted):

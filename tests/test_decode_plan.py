@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import hermes_ort
-from hermes_ort import manifest as manifest_io
-from hermes_ort import profiles
-from hermes_ort.decode_plan import Workload, decode_profile_name, measured_batches, plan_generation
-from hermes_ort.decoding import CacheLayout
+from hermes_ort.format import manifest as manifest_io
+from hermes_ort.planning import profiles
+from hermes_ort.generation.decode_plan import Workload, decode_profile_name, measured_batches, plan_generation
+from hermes_ort.generation.decoding import CacheLayout
 from hermes_ort.errors import BudgetError
-from hermes_ort.memory import format_bytes
-from hermes_ort.profiles import Profile, StageCost, StageProfile
+from hermes_ort.engine.memory import format_bytes
+from hermes_ort.planning.profiles import Profile, StageCost, StageProfile
 
 MiB = 1 << 20
 
@@ -63,8 +63,8 @@ def test_short_steps_keep_stages_resident_and_leave_a_core_to_compute(gpt2):
 
 
 def test_each_batch_size_plans_from_its_own_profile(gpt2, tmp_path):
-    from hermes_ort.decode_plan import decode_profile
-    from hermes_ort.templates import Templates
+    from hermes_ort.generation.decode_plan import decode_profile
+    from hermes_ort.engine.templates import Templates
 
     directory, manifest = gpt2
     assert [decode_profile_name(b) for b in (1, 8)] == ["profile-decode.json", "profile-decode-b8.json"]
@@ -79,7 +79,7 @@ def test_each_batch_size_plans_from_its_own_profile(gpt2, tmp_path):
 
 def test_generate_refuses_a_budget_below_its_kv_cache(gpt2):
     directory, _ = gpt2
-    from hermes_ort.memory import rss
+    from hermes_ort.engine.memory import rss
 
     with hermes_ort.InferenceSession(directory, memory_budget=rss() + 150 * MiB) as session:  # stages fit
         prompts = np.ones((2000, 4), np.int64)

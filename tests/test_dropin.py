@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import hermes_ort
 from hermes_ort import model_cache
-from hermes_ort.memory import parse_budget, rss
+from hermes_ort.engine.memory import parse_budget, rss
 
 APP = Path(__file__).parent / "apps" / "run_app.py"
 WIDTH, LAYERS = 1024, 12  # 12 x 4 MiB of weights: streaming at a budget below the model shows

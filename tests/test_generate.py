@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import hermes_ort
-from hermes_ort import loading
+from hermes_ort.engine import loading
 from hermes_ort.__main__ import main as hermes
-from hermes_ort.decoding import CacheLayout, Decoder, check_prompt
+from hermes_ort.generation.decoding import CacheLayout, Decoder, check_prompt
 from hermes_ort.errors import InputError
-from hermes_ort.planner import Plan
+from hermes_ort.planning.planner import Plan
 
 VOCAB = 2048
 
@@ -230,7 +230,7 @@ def test_cli_generate(gpt2, capsys):
 
 
 def test_a_budget_can_be_a_share_of_the_model(gpt2):
-    from hermes_ort import manifest as manifest_io
+    from hermes_ort.format import manifest as manifest_io
 
     model_bytes = manifest_io.load(gpt2).bytes
     with hermes_ort.InferenceSession(gpt2, memory_budget="200000%") as session:  # a MiB-sized model
@@ -239,7 +239,7 @@ def test_a_budget_can_be_a_share_of_the_model(gpt2):
 
 def test_a_run_inside_an_open_stream_says_so_instead_of_hanging(gpt2):
     from hermes_ort.errors import HermesError
-    from hermes_ort.feeds import synthetic_feed
+    from hermes_ort.engine.feeds import synthetic_feed
 
     with session_of(gpt2) as session:
         tokens = hermes_ort.stream(session, prompts(1, 4), 4)

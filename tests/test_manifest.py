@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import hermes_ort
-from hermes_ort import manifest as manifest_io
+from hermes_ort.format import manifest as manifest_io
 from hermes_ort.errors import InputError, ManifestError, StageError
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import hermes_ort
-from hermes_ort import loading
+from hermes_ort.engine import loading
 from hermes_ort.errors import StageError
-from hermes_ort.feeds import synthetic_feed
-from hermes_ort.pipeline import stage_config
-from hermes_ort.planner import Plan
-from hermes_ort.trace import Tracer
+from hermes_ort.engine.feeds import synthetic_feed
+from hermes_ort.engine.pipeline import stage_config
+from hermes_ort.planning.planner import Plan
+from hermes_ort.engine.trace import Tracer
 
 
 def pipeline_threads():
@@ -116,7 +116,7 @@ def test_embedding_tables_are_looked_up_not_read_ahead(gpt2, monkeypatch):
 
 def test_lookups_give_back_the_pages_they_mapped(tmp_path):
     """A resident embeddings stage must not grow toward its whole table as a generation meets new tokens."""
-    from hermes_ort.templates import MappedWeights, WeightRef
+    from hermes_ort.engine.templates import MappedWeights, WeightRef
 
     rows, width = 16384, 1024  # a 64 MiB float32 table
     (tmp_path / "table.data").write_bytes(np.ones((rows, width), np.float32).tobytes())
@@ -135,7 +135,7 @@ def test_lookups_give_back_the_pages_they_mapped(tmp_path):
 
 
 def test_every_embeddings_run_releases_its_lookups(gpt2, monkeypatch):
-    from hermes_ort.templates import MappedWeights
+    from hermes_ort.engine.templates import MappedWeights
 
     released, real = [], MappedWeights.release_lookups
     monkeypatch.setattr(MappedWeights, "release_lookups", lambda self: released.append(len(self.lookups)) or real(self))
@@ -249,7 +249,7 @@ def test_trace_has_a_row_per_thread_and_a_span_per_load_run_destroy(gpt2, tmp_pa
 
 
 def test_blocks_share_one_template_session(gpt2):
-    from hermes_ort.templates import TemplateStage, Templates
+    from hermes_ort.engine.templates import TemplateStage, Templates
 
     manifest = hermes_ort.InferenceSession(gpt2).manifest
     templates = Templates(gpt2, manifest)
@@ -258,7 +258,7 @@ def test_blocks_share_one_template_session(gpt2):
     assert templates.forms["embeddings"].looks_up_only  # its own graph, fed its tables to release lookups
     assert not any(s.kind == "head" for s in manifest.stages if s.name in templates.forms)  # Gemm(transB)
     config = make_plan(manifest)
-    from hermes_ort.pipeline import stage_config
+    from hermes_ort.engine.pipeline import stage_config
 
     prepared = [loading.prepare(gpt2, manifest.stage(n), stage_config(config, manifest.stage(n)), templates)
                 for n in ("block_00", "block_01")]
@@ -291,7 +291,7 @@ def test_failure_while_closing_a_stage_reaches_the_caller(gpt2, monkeypatch):
 
 
 def test_embedding_tables_are_not_read_ahead(gpt2):
-    from hermes_ort.templates import Templates
+    from hermes_ort.engine.templates import Templates
 
     templates = Templates(gpt2, hermes_ort.InferenceSession(gpt2).manifest)
     embeddings = {w.shape: w.looked_up for w in templates.canonical["embeddings"].weights}

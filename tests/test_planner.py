@@ -2,8 +2,8 @@
 import pytest
 
 from hermes_ort.errors import BudgetError
-from hermes_ort.planner import default_budgets, minimum_budget, plan, plan_table, simulate
-from hermes_ort.profiles import Profile, StageCost, StageProfile
+from hermes_ort.planning.planner import default_budgets, minimum_budget, plan, plan_table, simulate
+from hermes_ort.planning.profiles import Profile, StageCost, StageProfile
 
 MiB = 1 << 20
 
@@ -87,7 +87,7 @@ def test_prepacks_only_the_streamed_stage_where_it_pays():
 def test_contended_loads_are_charged_serially_and_keep_a_window_of_two():
     """Decoding rules: a load takes its CPU from compute, so each streamed stage adds CONTENDED_LOAD x its
     load to a step, residency pays, and the window keeps room for the next stage."""
-    from hermes_ort.planner import CONTENDED_LOAD, Rules
+    from hermes_ort.planning.planner import CONTENDED_LOAD, Rules
 
     rules = Rules(first_slack=None, max_loaders=1, contended=True, min_window=2)
     p = plan(MODEL, 200 * MiB, rules=rules)

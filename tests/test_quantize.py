@@ -11,9 +11,9 @@ import pytest
 import hermes_ort
 from hermes_ort import __main__ as cli
 from hermes_ort.convert.quantize import QuantizeError, QuantizeSettings, quantize_dir
-from hermes_ort.feeds import synthetic_feed
-from hermes_ort.merge import merge_stages
-from hermes_ort.planner import Plan
+from hermes_ort.engine.feeds import synthetic_feed
+from hermes_ort.graphs.merge import merge_stages
+from hermes_ort.planning.planner import Plan
 
 from conftest import TINY
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hermes_ort.errors import InputError
-from hermes_ort.sampling import Chooser, Sampling, filtered_logits
+from hermes_ort.generation.sampling import Chooser, Sampling, filtered_logits
 
 VOCAB = 12
 

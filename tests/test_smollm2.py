@@ -14,7 +14,7 @@ import pytest
 
 import hermes_ort
 from hermes_ort.convert import convert_gguf
-from hermes_ort.tokenizer import Tokenizer
+from hermes_ort.generation.tokenizer import Tokenizer
 
 FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, 3 little pigs"]

@@ -10,11 +10,11 @@ import torch
 import hermes_ort
 from hermes_ort.__main__ import main as hermes
 from hermes_ort.errors import SplitError
-from hermes_ort import manifest as manifest_io
-from hermes_ort.chain import run_chain
-from hermes_ort.sessions import SessionConfig, open_stage
-from hermes_ort.split import SplitRequest, split_model
-from hermes_ort.templates import OwnedStage
+from hermes_ort.format import manifest as manifest_io
+from hermes_ort.engine.chain import run_chain
+from hermes_ort.engine.sessions import SessionConfig, open_stage
+from hermes_ort.graphs.split import SplitRequest, split_model
+from hermes_ort.engine.templates import OwnedStage
 
 
 class WholeBert(torch.nn.Module):

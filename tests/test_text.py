@@ -9,7 +9,7 @@ import pytest
 
 import hermes_ort
 from hermes_ort.errors import InputError
-from hermes_ort.text import RowText
+from hermes_ort.generation.text import RowText
 from text_model import CORPUS, write_folder
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,8 @@ def test_chat_without_a_template_is_refused(text_model, tmp_path):
     target = tmp_path / "m"
     shutil.copytree(text_model[0], target)
     (target / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    from hermes_ort import manifest as manifest_io
-    from hermes_ort.manifest import FileSpec
+    from hermes_ort.format import manifest as manifest_io
+    from hermes_ort.format.manifest import FileSpec
 
     with pytest.raises(hermes_ort.ManifestError, match="tokenizer_config.json has 30 bytes"):
         manifest_io.load(target)  # the manifest lists the tokenizer's files with their sizes

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import manifest as manifest_io
-from ..manifest import FileSpec, Manifest, StageSpec
-from ..publish import building
-from ..sessions import SessionConfig, open_stage, run_stage
-from ..stage_files import write_stage
-from ..weights import WeightWriter, head_splits, source_reader
+from ..format import manifest as manifest_io
+from ..format.manifest import FileSpec, Manifest, StageSpec
+from ..format.publish import building
+from ..engine.sessions import SessionConfig, open_stage, run_stage
+from ..format.stage_files import write_stage
+from ..format.weights import WeightWriter, head_splits, source_reader
 from . import llama_graph, reference
 from .float_weights import Float32Weights
 from .gguf_model import ConvertError, GGUFModel

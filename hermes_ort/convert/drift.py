@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..feeds import synthetic_feed
-from ..manifest import Manifest
+from ..engine.feeds import synthetic_feed
+from ..format.manifest import Manifest
 
 SEQUENCE = 32
 

@@ -20,12 +20,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .. import manifest as manifest_io
+from ..format import manifest as manifest_io
 from ..errors import HermesError
-from ..manifest import FileSpec, Manifest, StageSpec
-from ..publish import building
-from ..stage_files import write_stage
-from ..weights import WeightWriter, source_reader
+from ..format.manifest import FileSpec, Manifest, StageSpec
+from ..format.publish import building
+from ..format.stage_files import write_stage
+from ..format.weights import WeightWriter, source_reader
 
 
 class QuantizeError(HermesError):

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ManifestError
+from ..errors import ManifestError
 
 PROFILE_NAME = "profile.json"
 DECODE_PROFILE_NAME = "profile-decode.json"  # `hermes profile --decode`: a one-token step at the maximum context

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import BudgetError
-from .memory import format_bytes
+from ..errors import BudgetError
+from ..engine.memory import format_bytes
+from ..engine.plan import Plan
 from .profiles import Profile, StageCost, StageProfile
 
 MAX_WINDOW = 8  # wider windows buy nothing once loading hides behind compute
@@ -33,22 +34,6 @@ class Rules:
     max_loaders: int | None = None  # default: one per core
     contended: bool = False  # loads take their CPU from compute (no core to spare): charge them serially
     min_window: int = 1  # narrower windows only when nothing else fits (decoding: 2, or no load overlaps)
-
-
-@dataclass(frozen=True)
-class Plan:
-    budget: int
-    loaders: int
-    window: int  # streamed stages loaded at once, the running one included
-    resident: tuple[str, ...]  # stages kept loaded across runs
-    prepacked: tuple[str, ...]  # stages created with ORT prepacking on
-    compute_threads: int
-    predicted_first_s: float  # first run: every stage loaded once
-    predicted_steady_s: float  # later runs: resident stages are already loaded
-    predicted_peak_bytes: int
-
-    def streams(self, name: str) -> bool:
-        return name not in self.resident
 
 
 def cost(stage: StageProfile, prepacked: bool) -> StageCost:

@@ -12,13 +12,13 @@ from pathlib import Path
 import onnx
 from onnx import helper, shape_inference
 
-from . import manifest as manifest_io
+from ..format import manifest as manifest_io
 from .cuts import BLOCK_NAME, Node, balanced, by_block_names, by_cut_tensors
-from .errors import SplitError
-from .manifest import Manifest
-from .publish import building
-from .stage_files import tensor_spec, write_stage
-from .weights import WeightWriter, source_reader
+from ..errors import SplitError
+from ..format.manifest import Manifest
+from ..format.publish import building
+from ..format.stage_files import tensor_spec, write_stage
+from ..format.weights import WeightWriter, source_reader
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .errors import StageError
-from .manifest import Manifest, StageSpec
+from ..errors import StageError
+from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
 from .sessions import SessionConfig, run_stage, session_options
 

@@ -13,12 +13,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import manifest as manifest_io
+from ..format import manifest as manifest_io
 from .decode_plan import Workload
 from .decoding import CacheLayout, Decoder, check_prompt
-from .errors import InputError
+from ..errors import InputError
 from .sampling import Chooser, Sampling
-from .session import InferenceSession
+from ..session import InferenceSession
 
 Model = InferenceSession | str | os.PathLike
 

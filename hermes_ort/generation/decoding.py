@@ -12,8 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import InputError
-from .manifest import Manifest, TensorSpec
+from ..errors import InputError
+from ..format.manifest import Manifest, TensorSpec
 
 DECODER_INPUTS = ("input_ids", "position_ids", "attention_mask")
 

@@ -10,13 +10,13 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import profiles
+from ..planning import profiles
 from .decoding import CacheLayout
-from .estimate import UNPACKED_QUANTIZED_SLOWDOWN, estimate_profile
-from .manifest import Manifest
-from .planner import Plan, Rules, plan
-from .profiles import Profile
-from .templates import Templates
+from ..planning.estimate import UNPACKED_QUANTIZED_SLOWDOWN, estimate_profile
+from ..format.manifest import Manifest
+from ..planning.planner import Plan, Rules, plan
+from ..planning.profiles import Profile
+from ..engine.templates import Templates
 
 STEP_BYTES_PER_S = 12e9  # a one-token step reads each weight once (a GPT-2 medium block: ~4 ms, hermes profile)
 STEP_IN_FLIGHT = 16 << 20  # a one-token step's tensors beside the logits (measured: 14.8 MiB, SmolLM2 hermes profile --decode)

@@ -19,10 +19,10 @@ import numpy as np
 
 from . import loading
 from .chain import Prepared, run_chain
-from .errors import HermesError, StageError
-from .manifest import Manifest, StageSpec
+from ..errors import HermesError, StageError
+from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
-from .planner import Plan
+from .plan import Plan
 from .sessions import SessionConfig
 from .templates import Templates
 from .trace import NullTracer, Tracer

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ManifestError
+from ..errors import ManifestError
 
 FORMAT = "hermes-ort/model"
 VERSION = 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import SplitError
+from ..errors import SplitError
 
 BLOCK_NAME = re.compile(r"(?:^|[/.])(?:h|layer|layers|block|blocks)[._](\d+)(?=[/._]|$)")
 

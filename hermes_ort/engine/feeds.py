@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .manifest import Manifest, TensorSpec
+from ..format.manifest import Manifest, TensorSpec
 
 DEFAULT_AXES = {"batch": 1, "sequence": 128, "past_sequence": 0}
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .loading import evict, prepare
-from .manifest import Manifest, StageSpec
-from .memory import give_back, peak_rss, reset_peak, rss
+from ..engine.loading import evict, prepare
+from ..format.manifest import Manifest, StageSpec
+from ..engine.memory import give_back, peak_rss, reset_peak, rss
 from .profiles import Profile, StageCost, StageProfile
-from .progress import progress
-from .sessions import SessionConfig
-from .templates import Templates
+from ..engine.progress import progress
+from ..engine.sessions import SessionConfig
+from ..engine.templates import Templates
 
 
 def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: SessionConfig,

@@ -5,8 +5,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import InputError
-from .manifest import Manifest, TensorSpec
+from ..errors import InputError
+from ..format.manifest import Manifest, TensorSpec
 
 
 def check_feed(manifest: Manifest, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

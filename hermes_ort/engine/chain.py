@@ -6,7 +6,7 @@ from typing import Callable, ContextManager, Mapping, Protocol
 
 import numpy as np
 
-from .manifest import Manifest, StageSpec
+from ..format.manifest import Manifest, StageSpec
 
 
 class Prepared(Protocol):

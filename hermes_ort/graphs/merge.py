@@ -10,8 +10,8 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from .errors import HermesError
-from .manifest import Manifest, StageSpec
+from ..errors import HermesError
+from ..format.manifest import Manifest, StageSpec
 
 
 def renamed_stage(directory: Path, stage: StageSpec) -> onnx.GraphProto:

@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 
-from .feeds import DEFAULT_AXES
-from .manifest import Manifest, TensorSpec
-from .memory import rss
+from ..engine.feeds import DEFAULT_AXES
+from ..format.manifest import Manifest, TensorSpec
+from ..engine.memory import rss
 from .profiles import Profile, StageCost, StageProfile
-from .templates import Templates
+from ..engine.templates import Templates
 
 SESSION_BYTES = 4 << 20  # a stage session's own state beside its weights (ORT kernels, thread pool)
 PACKED_SESSION_BYTES = 32 << 20  # prepacking adds buffers and an arena (hermes profile, GPT-2 medium: 14-20 MB)

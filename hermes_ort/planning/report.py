@@ -1,7 +1,7 @@
 """Plain-text tables for the CLI: profiles and plans."""
 from __future__ import annotations
 
-from .memory import format_bytes
+from ..engine.memory import format_bytes
 from .planner import Plan
 from .profiles import Profile
 

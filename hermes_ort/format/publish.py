@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .errors import HermesError
+from ..errors import HermesError
 from .manifest import MANIFEST_NAME
 
 

@@ -9,8 +9,8 @@ from typing import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from .errors import StageError
-from .manifest import StageSpec
+from ..errors import StageError
+from ..format.manifest import StageSpec
 from .memory import map_large_allocations
 
 _LEVELS = {

@@ -12,9 +12,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .generate import stream as stream_tokens
-from .session import InferenceSession
+from ..session import InferenceSession
 from .tokenizer import Tokenizer
 
 INCOMPLETE = "\ufffd"

@@ -12,8 +12,8 @@ import mmap
 import os
 from pathlib import Path
 
-from .errors import StageError
-from .manifest import StageSpec
+from ..errors import StageError
+from ..format.manifest import StageSpec
 from .sessions import SessionConfig, open_stage
 from .templates import MappedWeights, OwnedStage, Templates, TemplateStage
 

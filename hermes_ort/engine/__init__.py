@@ -1,0 +1,1 @@
+"""Running stages: ORT sessions and templates, loading agents, the pipeline, memory."""

@@ -1,0 +1,1 @@
+"""The on-disk contract: manifest, weight files, stage files, atomic publishing."""

@@ -1,0 +1,1 @@
+"""Decoding: the KV cache through stages, sampling, tokenizers, text in and out."""

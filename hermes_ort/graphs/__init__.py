@@ -1,0 +1,1 @@
+"""Making stages from ONNX graphs: cutting any model, merging stages back into one graph."""

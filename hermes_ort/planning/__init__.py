@@ -1,0 +1,1 @@
+"""Deciding how: profiles measured or estimated, the planner, generation plans."""
