@@ -157,3 +157,20 @@ def test_requantized_top1_agreement_on_real_text(conversions, tmp_path, bits, fl
     agreement = float(np.mean(logits_of(fp32, ids).argmax(-1) == logits_of(tmp_path / f"int{bits}", ids).argmax(-1)))
     print(f"SmolLM2 int{bits}: top-1 agreement with fp32 over {ids.shape[1]} positions: {agreement:.3f}")
     assert agreement >= floor
+
+
+@pytest.mark.xfail(reason="known defect: streamed native (MatMulNBits) stages overshoot the plan's peak by "
+                          "3-7% (150 MiB budget: 154-156 MiB measured, 145.5 predicted); see README", strict=False)
+def test_native_streaming_stays_within_a_tight_budget(conversions, tmp_path):
+    import shutil
+
+    directory = tmp_path / "native"  # a copy: the decode profile written here must not reach other tests
+    shutil.copytree(conversions("native"), directory)
+    assert subprocess.run([sys.executable, "-m", "hermes_ort", "profile", str(directory), "--decode",
+                           "--max-length", "256"], capture_output=True, timeout=300).returncode == 0
+    run = subprocess.run([sys.executable, "-m", "hermes_ort", "generate", str(directory), "--prompt",
+                          "The capital of France is", "--max-new-tokens", "16", "--budget", "150MiB"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    stats = stats_of(run.stderr)
+    assert stats["streamed"] >= 10 and stats["peak"] <= stats["budget"]
