@@ -19,7 +19,7 @@ from .errors import HermesError, InputError
 from .planning.estimate import estimate_profile
 from .engine.inputs import check_feed
 from .format.manifest import TensorSpec
-from .engine.memory import available, parse_budget, rss
+from .engine.memory import available, parse_budget, rss, warn_above_machine
 from .model_cache import model_directory
 from .ort_api import PROVIDER, UNSUPPORTED, budget_of, check_providers
 from .engine.pipeline import Pipeline, Resident
@@ -92,6 +92,7 @@ class InferenceSession:
         memory_budget = budget_of(memory_budget, sess_options)
         self.budget = (parse_budget(memory_budget, self.manifest.bytes) if memory_budget is not None
                        else int(available() * HEADROOM))
+        warn_above_machine(self.budget)
         templates = Templates(self.directory, self.manifest)
         self._pass_plan = plan_override  # made on first use: a session used only to generate never needs it
         self._plan_override = plan_override

@@ -8,7 +8,7 @@ import sys
 
 import psutil
 
-from ..errors import HermesError
+from ..errors import BudgetError
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "tb": 10**12}
@@ -20,7 +20,7 @@ def parse_bytes(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise HermesError(f"cannot read {text!r} as a size: use a number with B, KiB, MiB, GiB, KB, MB or GB")
+        raise BudgetError(f"cannot read {text!r} as a size: use a number with B, KiB, MiB, GiB, KB, MB or GB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -30,8 +30,18 @@ def parse_budget(text: str | int, model_bytes: int) -> int:
         try:
             return int(float(str(text).strip()[:-1]) / 100 * model_bytes)
         except ValueError:
-            raise HermesError(f"cannot read {text!r} as a share of the model: use e.g. 25%") from None
+            raise BudgetError(f"cannot read {text!r} as a share of the model: use e.g. 25%") from None
     return parse_bytes(text)
+
+
+def warn_above_machine(budget: int) -> None:
+    """A budget above the machine's memory is allowed (the OS may swap) but is most likely a typo."""
+    total = psutil.virtual_memory().total
+    if budget > total:
+        import warnings
+
+        warnings.warn(f"memory budget {format_bytes(budget)} is above this machine's memory "
+                      f"({format_bytes(total)}): the plan may count on memory the OS does not have", stacklevel=3)
 
 
 def format_bytes(n: float) -> str:

@@ -1,0 +1,75 @@
+"""Unattended for months (part of it): budgets that cannot be read or cannot be had, and long runs that
+must not grow."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+import hermes_ort
+from hermes_ort.__main__ import main
+from hermes_ort.engine.memory import parse_budget
+from hermes_ort.errors import BudgetError
+
+LONG_RUN = r"""
+import json, os, sys, threading
+import numpy as np, psutil
+import hermes_ort
+from hermes_ort.engine.plan import Plan
+directory = sys.argv[1]
+names = tuple(s.name for s in hermes_ort.InferenceSession(directory).manifest.stages)
+streamed = Plan(budget=0, loaders=2, window=2, resident=(), prepacked=(), compute_threads=1, predicted_first_s=0,
+                predicted_steady_s=0, predicted_peak_bytes=0)
+me = psutil.Process()
+state = lambda: {"rss": me.memory_info().rss, "threads": threading.active_count(), "fds": me.num_fds()}
+out = {}
+with hermes_ort.InferenceSession(directory, plan_override=streamed) as session:
+    feed = {"input_ids": np.ones((1, 8), np.int64), "position_ids": np.arange(8)[None],
+            "attention_mask": np.ones((1, 8), np.int64),
+            **{t.name: np.zeros((1, 4, 0, 16), np.float32) for t in session.manifest.inputs if "past" in t.name}}
+    for n in range(1, 1001):
+        session.run(["logits"], feed)
+        if n in (10, 1000):
+            out[f"run {n}"] = state()
+    ids = np.random.default_rng(0).integers(1, 2048, (1, 6))
+    for n in range(1, 201):
+        hermes_ort.generate(session, ids, 4)
+        if n in (10, 200):
+            out[f"generation {n}"] = state()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("text, expected", [("400MB", 400_000_000), ("0.4GiB", int(0.4 * 2**30)),
+                                            (400_000_000, 400_000_000), ("25%", 250_000_000)])
+def test_budgets_that_parse(text, expected):
+    assert parse_budget(text, 10**9) == expected
+
+
+def test_a_budget_that_does_not_parse_is_one_line(exported, capsys):
+    with pytest.raises(BudgetError, match="'lots'"):
+        parse_budget("lots", 10**9)
+    assert main(["run", str(exported("tiny-bert").directory), "--budget", "lots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot read 'lots' as a size" in err
+
+
+def test_a_budget_above_the_machine_warns(exported):
+    too_much = psutil.virtual_memory().total * 2
+    with pytest.warns(UserWarning, match="above this machine's memory"):
+        hermes_ort.InferenceSession(exported("tiny-bert").directory, memory_budget=too_much)
+
+
+def test_long_runs_do_not_grow(exported):
+    """1,000 streamed runs then 200 generations of tiny-gpt2 in a fresh process: RSS within 5% of where it
+    stood after 10, and no thread or file descriptor more."""
+    done = subprocess.run([sys.executable, "-c", LONG_RUN, str(exported("tiny-gpt2").directory)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    for early, late in (("run 10", "run 1000"), ("generation 10", "generation 200")):
+        assert seen[late]["rss"] <= 1.05 * seen[early]["rss"], seen
+        assert seen[late]["threads"] == seen[early]["threads"] and seen[late]["fds"] == seen[early]["fds"], seen
