@@ -73,3 +73,46 @@ def test_long_runs_do_not_grow(exported):
     for early, late in (("run 10", "run 1000"), ("generation 10", "generation 200")):
         assert seen[late]["rss"] <= 1.05 * seen[early]["rss"], seen
         assert seen[late]["threads"] == seen[early]["threads"] and seen[late]["fds"] == seen[early]["fds"], seen
+
+
+CONCURRENT = r"""
+import json, sys, threading
+import numpy as np
+import hermes_ort
+from hermes_ort.engine.feeds import synthetic_feed
+from hermes_ort.engine.memory import peak_rss
+directory, budget = sys.argv[1], sys.argv[2]
+with hermes_ort.InferenceSession(directory, memory_budget=budget) as session:
+    feeds = []
+    for k in range(4):
+        feed = synthetic_feed(session.manifest, {"sequence": 16}, seed=k)
+        feed["input_ids"] = np.random.default_rng(k).integers(0, 8000, (1, 16))
+        feeds.append(feed)
+    alone = [session.run(["logits"], f)[0] for f in feeds]
+    results, errors = {}, []
+    def work(k):
+        try:
+            for _ in range(5):
+                results.setdefault(k, []).append(session.run(["logits"], feeds[k])[0])
+        except BaseException as e:
+            errors.append(repr(e))
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    same = all(np.array_equal(r, alone[k]) for k, rs in results.items() for r in rs)
+    streamed = len(session.plan.resident) < len(session.manifest.stages)
+print(json.dumps({"same": same, "errors": errors, "runs": sum(map(len, results.values())),
+                  "peak": peak_rss(), "streamed": streamed}))
+"""
+
+
+def test_threads_sharing_a_session_get_their_own_answers_within_the_budget(exported):
+    """Four threads, five runs each, on one InferenceSession streaming small-gpt2 (116 MB) at 150 MiB: runs
+    are serialised (a pass at a time shares the resident stages), every result equals the same input run
+    alone, and the process's peak stays within the budget."""
+    done = subprocess.run([sys.executable, "-c", CONCURRENT, str(exported("small-gpt2").directory), "150MiB"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["errors"] == [] and seen["runs"] == 20 and seen["same"] and seen["streamed"]
+    assert seen["peak"] <= 150 << 20
