@@ -95,12 +95,11 @@ def write_stages(model: GGUFModel, weights, directory: Path, progress) -> list[S
     s, writer, read = model.settings, WeightWriter(directory), source_reader(directory)
     write = lambda graph, name, kind: write_stage(graph, directory, name, kind, writer, read)
     specs = [write(llama_graph.embeddings(weights, s), "embeddings", "embeddings")]
-    block_bytes = specs[0].bytes if s.layers == 0 else None
     for i in range(s.layers):
         specs.append(write(llama_graph.block(weights, i, s), f"block_{i:02d}", "block"))
-        block_bytes = block_bytes or specs[-1].bytes
         progress and progress(i + 1, s.layers)
     head_bytes = s.vocab * weights.row_bytes()  # parts of a block's size, but at most MAX_HEAD_PARTS of them:
+    block_bytes = specs[min(1, s.layers)].bytes  # block_00, or the embeddings of a model without blocks
     splits = head_splits(s.vocab, weights.row_bytes(), max(block_bytes, head_bytes // MAX_HEAD_PARTS))
     for table in weights.shared_rows():
         writer.register_rows(table, splits)

@@ -12,8 +12,6 @@ points of 0 and a small MatMul adds blocksum(x) @ mins^T, which keeps the kernel
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from .float_weights import Float32Weights, split_outputs
@@ -28,6 +26,7 @@ class NativeWeights(Float32Weights):
     def __init__(self, model: GGUFModel, accuracy_level: int = 0):
         super().__init__(model)
         self.accuracy_level = accuracy_level
+        self.repacked: dict[str, Blocks] = {}  # per converter, not a process-wide cache holding it
         self.int8_activations = False  # set once a matrix runs at level 4: the self-check tolerance depends on it
 
     def level(self, bits: int) -> int:
@@ -40,9 +39,11 @@ class NativeWeights(Float32Weights):
         kind = self.model.tensor_type(name)
         return kind in BYTES and (kind != "Q8_0" or self.accuracy_level == 4)
 
-    @functools.lru_cache(maxsize=2)
     def blocks(self, name: str) -> Blocks:
-        return repack(self.model.tensor_type(name), self.model.raw(name))
+        """A table or head's blocks, repacked once (the embeddings and every head part read them)."""
+        if name not in self.repacked:
+            self.repacked[name] = repack(self.model.tensor_type(name), self.model.raw(name))
+        return self.repacked[name]
 
     def linear(self, g: GraphBuilder, x: str, name: str) -> str:
         if not self.kept(name):

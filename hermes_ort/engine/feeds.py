@@ -8,6 +8,13 @@ from ..format.manifest import Manifest, TensorSpec
 DEFAULT_AXES = {"batch": 1, "sequence": 128, "past_sequence": 0}
 
 
+def axis_defaults(sizes: dict[str, int] | None = None) -> dict[str, int]:
+    """DEFAULT_AXES overridden by `sizes`, and total_sequence = sequence + past_sequence unless given."""
+    sizes = {**DEFAULT_AXES, **(sizes or {})}
+    sizes.setdefault("total_sequence", sizes["sequence"] + sizes["past_sequence"])
+    return sizes
+
+
 def axis_size(name: str, sizes: dict[str, int]) -> int:
     if name in sizes:
         return sizes[name]
@@ -22,7 +29,6 @@ def synthetic_tensor(spec: TensorSpec, sizes: dict[str, int], rng: np.random.Gen
 
 
 def synthetic_feed(manifest: Manifest, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    sizes = {**DEFAULT_AXES, **(sizes or {})}
-    sizes.setdefault("total_sequence", sizes["sequence"] + sizes["past_sequence"])
+    sizes = axis_defaults(sizes)
     rng = np.random.default_rng(seed)
     return {t.name: synthetic_tensor(t, sizes, rng) for t in manifest.inputs}

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..engine.feeds import DEFAULT_AXES
+from ..engine.feeds import axis_defaults
 from ..format.manifest import Manifest, TensorSpec
 from ..engine.memory import rss
 from .profiles import Profile, StageCost, StageProfile
@@ -28,8 +28,7 @@ UNPACKED_QUANTIZED_SLOWDOWN = 20  # MatMulNBits without prepacking: SmolLM2 nati
 
 def axis_sizes(manifest: Manifest, feed: dict | None) -> dict[str, int]:
     """Symbolic axis name -> size, read from the feed's shapes (else the defaults)."""
-    sizes = dict(DEFAULT_AXES)
-    sizes.setdefault("total_sequence", sizes["sequence"] + sizes["past_sequence"])
+    sizes = axis_defaults()
     for spec in manifest.inputs:
         if feed is not None and spec.name in feed:
             sizes |= {d: n for d, n in zip(spec.shape, np.shape(feed[spec.name])) if isinstance(d, str)}
