@@ -63,7 +63,7 @@ def test_truncated_stage_file(model_dir):
         hermes_ort.InferenceSession(model_dir)
 
 
-def test_corrupt_bytes_found_by_deep_check_and_by_ort(model_dir):
+def test_a_garbage_graph_is_found_by_the_deep_check_and_when_the_session_opens(model_dir):
     path = model_dir / "block_00.onnx"
     path.write_bytes(b"\xff" * path.stat().st_size)  # same size, garbage content
     with pytest.raises(ManifestError, match="does not match its sha256"):
@@ -92,12 +92,19 @@ def test_stage_reading_a_later_stages_output_names_both(model_dir):
     assert manifest_io.load(model_dir) == manifest  # the refused manifest was not written
 
 
-def test_corrupt_graph_found_at_first_load_after_the_session_opened(model_dir):
+@pytest.mark.parametrize("stage, name", [("head", "head.onnx"), ("block_01", "block_01.data")])
+def test_a_file_altered_after_the_session_opened_is_found_at_its_first_load(model_dir, stage, name):
     session = hermes_ort.InferenceSession(model_dir, memory_budget="4GiB")
-    path = model_dir / "head.onnx"  # the pooler's own session: ORT reads it when the stage first loads
-    path.write_bytes(b"\xff" * path.stat().st_size)
-    with pytest.raises(StageError, match="stage 'head' \\(head.onnx\\): cannot load .*head.onnx"):
+    path = model_dir / name
+    intact = path.read_bytes()
+    altered = bytearray(intact)
+    altered[len(altered) // 2] ^= 0x01  # one bit, same size: only the sha256 can tell
+    path.write_bytes(bytes(altered))
+    with pytest.raises(StageError, match=f"stage '{stage}' .*: file {name} does not match its sha256"):
         session.run(None, feed())
+    path.write_bytes(intact)  # the same session works once the file is mended
+    (expected,) = hermes_ort.InferenceSession(model_dir).run(["pooler_output"], feed())
+    np.testing.assert_array_equal(session.run(["pooler_output"], feed())[0], expected)
     session.close()
 
 

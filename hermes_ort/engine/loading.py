@@ -46,6 +46,8 @@ def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates:
     """A stage ready to run. Through a shared template (weights mapped and populated here) when another
     stage shares its graph and it is not prepacked; else its own session, files read ahead first (ORT
     releases the GIL while it creates it)."""
+    if templates is not None:
+        templates.integrity.stage(stage)  # reads the files whole once: also a read-ahead of them
     form = templates.forms.get(stage.name) if templates is not None else None
     if form is not None and config.prepacking and not form.looks_up_only:  # lookups have nothing to prepack
         form = None

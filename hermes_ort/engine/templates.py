@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import StageError
+from ..format.integrity import FirstLoadCheck
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
 from .sessions import SessionConfig, run_stage, session_options
@@ -132,6 +133,7 @@ class Templates:
     go after every run (MappedWeights.release_lookups)."""
 
     def __init__(self, directory: Path, manifest: Manifest):
+        self.integrity = FirstLoadCheck(directory)  # each file hashed once per session, before its first load
         self.canonical = {s.name: canonicalize(directory, s) for s in manifest.stages}
         counts: dict[str, int] = {}
         for form in self.canonical.values():
