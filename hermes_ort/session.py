@@ -139,7 +139,7 @@ class InferenceSession:
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray],
             run_options=None) -> list[np.ndarray]:
         names = self._output_names(output_names)
-        feed = check_feed(self.manifest, input_feed)
+        feed = check_feed(self.manifest, input_feed, self._resident.templates.index_bounds)
         with self._exclusive(), Pipeline(self.directory, self.manifest, self._plan_for(feed), self._resident,
                                                self.tracer) as pipeline:
             outputs = pipeline.run(feed)

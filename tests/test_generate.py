@@ -200,6 +200,7 @@ def test_interrupted_generation_leaves_nothing_running(gpt2, monkeypatch):
     (dict(attention_mask=np.ones((1, 3), np.int64)), "attention_mask has shape \\[1, 3\\] but input_ids has \\[1, 4\\]"),
     (dict(attention_mask=np.array([[1, 1, 1, 0]])), "row 0 of attention_mask is padded on the right"),
     (dict(max_new_tokens=125), "4 positions plus 125 new tokens exceeds the model's 128 positions"),
+    (dict(input_ids=np.array([[5, 2048, 7, 9]])), "input 'input_ids' holds 2048 at \\[0, 1\\], outside the 2048 rows"),
 ])
 def test_bad_prompts_are_refused_before_anything_loads(gpt2, change, message):
     args = dict(input_ids=np.ones((1, 4), np.int64), max_new_tokens=3, attention_mask=None) | change

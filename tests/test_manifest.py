@@ -116,6 +116,11 @@ def test_a_file_altered_after_the_session_opened_is_found_at_its_first_load(mode
     (lambda f: f.update(attention_mask=np.ones((1, 1, 5), np.int64)),
      "input 'attention_mask' expects int64 \\[batch, sequence\\], got int64 \\[1, 1, 5\\]"),
     (lambda f: f.update(attention_mask=np.ones((1, 7), np.int64)), "sequence=7 but input '.*' has sequence=5"),
+    (lambda f: f.update(input_ids=np.zeros((1, 0), np.int64), token_type_ids=np.zeros((1, 0), np.int64),
+                        attention_mask=np.zeros((1, 0), np.int64)), "input 'input_ids' is empty along sequence"),
+    (lambda f: f["input_ids"].__setitem__((0, 3), 10**6), "input 'input_ids' holds 1000000 at \\[0, 3\\], outside "
+                                                          "the 1000 rows .*0..999"),
+    (lambda f: f["token_type_ids"].__setitem__((0, 1), -1), "input 'token_type_ids' holds -1 at \\[0, 1\\]"),
 ])
 def test_bad_inputs_are_named_before_anything_loads(model_dir, change, message):
     session = hermes_ort.InferenceSession(model_dir)
@@ -124,6 +129,14 @@ def test_bad_inputs_are_named_before_anything_loads(model_dir, change, message):
     change(bad)
     with pytest.raises(InputError, match=message):
         session.run(None, bad)
+
+
+def test_nan_in_a_float_input_flows_through_without_an_error(exported):
+    session = hermes_ort.InferenceSession(exported("tiny-vit").directory)
+    pixels = np.zeros([1 if isinstance(d, str) else d for d in session.get_inputs()[0].shape], np.float32)
+    pixels[0, 0, 0, 0] = np.nan
+    (logits,) = session.run(["logits"], {session.get_inputs()[0].name: pixels})
+    assert np.isnan(logits).all()  # the patch's NaN reaches every token through attention, as in ORT
 
 
 def test_front_door_mirrors_onnxruntime(model_dir):

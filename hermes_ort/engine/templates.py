@@ -50,6 +50,7 @@ class Canonical:
     weights: tuple[WeightRef, ...]
     needs_initializers: bool  # a kernel that must prepack its weight: fed as an input it redoes that every run
     quantized: bool  # MatMulNBits: without prepacking it dequantizes its whole matrix every run
+    index_bounds: tuple[tuple[str, int], ...] = ()  # global inputs that index a table's rows, and its row count
 
     @property
     def looks_up_only(self) -> bool:
@@ -82,7 +83,22 @@ def canonicalize(directory: Path, stage: StageSpec) -> Canonical:
     prepacks = any(repacks_every_run(n, weight_inputs) for n in nodes)
     quantized = any(n.op_type == "MatMulNBits" for n in nodes)
     return Canonical(hashlib.sha256(template).hexdigest(), template, tuple(v.name for v in graph.input),
-                     tuple(v.name for v in graph.output), weights, prepacks, quantized)
+                     tuple(v.name for v in graph.output), weights, prepacks, quantized, index_bounds(graph))
+
+
+def index_bounds(graph: onnx.GraphProto) -> tuple[tuple[str, int], ...]:
+    """Graph inputs used directly as row indices of a weight table (token ids into the vocabulary, position
+    ids into GPT-2's position table), with the table's row count: out of range, ORT's Gather fails only when
+    the stage runs, deep in a pass."""
+    rows = {t.name: t.dims[0] for t in graph.initializer if t.dims}
+    inputs = {v.name for v in graph.input}
+    bounds = {}
+    for n in graph.node:
+        axis = next((a.i for a in n.attribute if a.name in ("axis", "gather_axis")), 0)
+        if n.op_type in ("Gather", "GatherBlockQuantized") and axis == 0 and n.input[0] in rows and (
+                n.input[1] in inputs):
+            bounds[n.input[1]] = min(bounds.get(n.input[1], rows[n.input[0]]), rows[n.input[0]])
+    return tuple(bounds.items())
 
 
 def repacks_every_run(node: onnx.NodeProto, weights: set[str]) -> bool:
@@ -140,6 +156,10 @@ class Templates:
             counts[form.key] = counts.get(form.key, 0) + 1
         self.forms = {name: f for name, f in self.canonical.items()
                       if (counts[f.key] > 1 or f.looks_up_only) and not f.needs_initializers}
+        self.index_bounds: dict[str, int] = {}  # model inputs that index a table: ids must be in [0, rows)
+        for form in self.canonical.values():
+            for name, rows in form.index_bounds:
+                self.index_bounds[name] = min(self.index_bounds.get(name, rows), rows)
         self.sessions: dict[str, ort.InferenceSession] = {}  # by graph key and thread count
         self.lock = threading.Lock()
 

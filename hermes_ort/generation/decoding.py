@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InputError
+from ..engine.inputs import check_indices
 from ..format.manifest import Manifest, TensorSpec
 
 DECODER_INPUTS = ("input_ids", "position_ids", "attention_mask")
@@ -25,6 +26,7 @@ class CacheLayout:
     past: tuple[TensorSpec, ...]
     present_for: dict[str, str]  # past input name -> present output name
     max_positions: int | None  # the model's position table, when the config states it
+    vocab: int | None = None  # rows of the token table (the logits' width), when fixed
 
     @classmethod
     def of(cls, manifest: Manifest) -> "CacheLayout":
@@ -42,7 +44,9 @@ class CacheLayout:
         limits = [config.get("n_positions") or config.get("max_position_embeddings")]
         if config.get("use_sliding_window", True):  # our attention is full: beyond Mistral's window it would differ
             limits.append(config.get("sliding_window"))
-        return cls(past, present_for, min((n for n in limits if n), default=None))
+        width = next(t.shape[-1] for t in manifest.outputs if t.name == "logits")
+        vocab = width if isinstance(width, int) else config.get("vocab_size")  # GPT-2's head parts concatenate
+        return cls(past, present_for, min((n for n in limits if n), default=None), vocab)
 
     def empty(self, batch: int) -> dict[str, np.ndarray]:
         """A cache of length 0: [batch, heads, 0, head_dim] per past input."""
@@ -76,6 +80,8 @@ def check_prompt(input_ids, attention_mask, max_new_tokens: int, layout: CacheLa
         raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
     for row in np.flatnonzero((np.diff(mask, axis=1) < 0).any(axis=1) | (mask[:, -1] == 0)):
         raise InputError(f"row {row} of attention_mask is padded on the right; pad prompts on the LEFT")
+    if layout.vocab:
+        check_indices("input_ids", ids, layout.vocab)
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if layout.max_positions and ids.shape[1] + max_new_tokens > layout.max_positions:
