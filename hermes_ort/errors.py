@@ -26,3 +26,7 @@ class BudgetError(HermesError):
 
 class SplitError(HermesError):
     """An ONNX graph cannot be cut into stages as asked."""
+
+
+class RunTerminated(HermesError, Fail):
+    """run_options.terminate was set during a run: it stopped between stages (ORT raises Fail there too)."""

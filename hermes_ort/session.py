@@ -142,7 +142,7 @@ class InferenceSession:
         feed = check_feed(self.manifest, input_feed, self._resident.templates.index_bounds)
         with self._exclusive(), Pipeline(self.directory, self.manifest, self._plan_for(feed), self._resident,
                                                self.tracer) as pipeline:
-            outputs = pipeline.run(feed)
+            outputs = pipeline.run(feed, run_options=run_options)
         return [outputs[n] for n in names]
 
     def generation_plan(self, work: Workload) -> Plan:

@@ -2,17 +2,26 @@
 must not grow."""
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import threading
+import weakref
 
+import numpy as np
+import onnxruntime
 import psutil
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 import hermes_ort
 from hermes_ort.__main__ import main
+from hermes_ort.engine import loading
+from hermes_ort.engine.feeds import synthetic_feed
 from hermes_ort.engine.memory import parse_budget
-from hermes_ort.errors import BudgetError
+from hermes_ort.engine.plan import Plan
+from hermes_ort.errors import BudgetError, RunTerminated, StageError
 
 LONG_RUN = r"""
 import json, os, sys, threading
@@ -116,3 +125,58 @@ def test_threads_sharing_a_session_get_their_own_answers_within_the_budget(expor
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["errors"] == [] and seen["runs"] == 20 and seen["same"] and seen["streamed"]
     assert seen["peak"] <= 150 << 20
+
+
+def streamed(directory, **options):
+    """A session that loads every stage on every run, two loaders ahead."""
+    plan = Plan(budget=0, loaders=2, window=3, resident=(), prepacked=(), compute_threads=1, predicted_first_s=0,
+                predicted_steady_s=0, predicted_peak_bytes=0)
+    return hermes_ort.InferenceSession(directory, plan_override=plan, **options)
+
+
+def engine_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith(("loader-", "daemon"))]
+
+
+def test_ort_failing_to_create_a_session_reaches_the_caller_and_releases_every_session(exported, monkeypatch):
+    directory = exported("tiny-gpt2").directory
+    feed = synthetic_feed(hermes_ort.InferenceSession(directory).manifest, {"sequence": 6})
+    (expected,) = hermes_ort.InferenceSession(directory).run(["logits"], feed)
+    real, made, failing = onnxruntime.InferenceSession, [], [3]
+
+    def creating(*args, **kwargs):  # as ORT fails when memory runs out or a kernel is missing
+        if len(made) + 1 in failing:
+            failing.clear()
+            raise Fail("[ONNXRuntimeError] : 1 : FAIL : bad allocation")
+        made.append(weakref.ref(session := real(*args, **kwargs)))
+        return session
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", creating)
+    session = streamed(directory)
+    with pytest.raises(StageError, match="stage '(\\w+)' \\(\\1.onnx\\): (cannot load|loading failed).*bad allocation"):
+        session.run(["logits"], feed)
+    assert engine_threads() == []
+    np.testing.assert_array_equal(session.run(["logits"], feed)[0], expected)  # the same object works again
+    session.close()
+    gc.collect()
+    assert made and all(ref() is None for ref in made)  # the object lives on; not one ORT session does
+
+
+def test_run_options_terminate_stops_a_run_between_stages(exported, monkeypatch):
+    directory = exported("tiny-gpt2").directory
+    session = streamed(directory)
+    feed = synthetic_feed(session.manifest, {"sequence": 6})
+    (expected,) = session.run(["logits"], feed)
+    options, real = hermes_ort.RunOptions(), loading.prepare
+
+    def prepare(directory, stage, *rest):  # another thread asks the run to stop while it is under way: the
+        if stage.name == "head_00":  # 4th load waits for a window slot, freed once embeddings have run
+            options.terminate = True
+        return real(directory, stage, *rest)
+
+    monkeypatch.setattr(loading, "prepare", prepare)
+    with pytest.raises(Fail, match="run stopped by run_options.terminate before stage '(block|head)") as caught:
+        session.run(["logits"], feed, options)
+    assert isinstance(caught.value, RunTerminated) and engine_threads() == []
+    np.testing.assert_array_equal(session.run(["logits"], feed, hermes_ort.RunOptions())[0], expected)
+    session.close()

@@ -306,8 +306,14 @@ def test_file_missing_at_run_time_names_stage_and_file(gpt2, tmp_path):
     shutil.copytree(gpt2, target)
     session = hermes_ort.InferenceSession(target, plan_override=make_plan(
         hermes_ort.InferenceSession(target).manifest, 2, 3))
-    (target / "block_01.data").unlink()  # after the manifest was checked: a disk or a user removed it
+    feed = synthetic_feed(session.manifest, {"sequence": 4})
+    expected = session.run(None, feed)
+    data = (target / "block_01.data").read_bytes()
+    (target / "block_01.data").unlink()  # while the session is open: a disk or a user removed it
     with pytest.raises(StageError, match="stage 'block_01' .*block_01.data"):
-        session.run(None, synthetic_feed(session.manifest, {"sequence": 4}))
+        session.run(None, feed)
     assert pipeline_threads() == []
+    (target / "block_01.data").write_bytes(data)  # put back: the same session runs again
+    for got, want in zip(session.run(None, feed), expected):
+        np.testing.assert_array_equal(got, want)
     session.close()

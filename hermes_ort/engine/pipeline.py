@@ -19,7 +19,7 @@ import numpy as np
 
 from . import loading
 from .chain import Prepared, run_chain
-from ..errors import HermesError, StageError
+from ..errors import HermesError, RunTerminated, StageError
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
 from .plan import Plan
@@ -89,6 +89,7 @@ class Pipeline:
         self.running: dict[int, int] = {}  # stage index -> schedule position, while it runs
         self.in_window = 0  # streamed sessions loading, ready or not yet destroyed
         self.error: BaseException | None = None
+        self.run_options = None  # of the pass running now
         self.stopping = False
         self.cond = threading.Condition()
         self.trash: queue.Queue = queue.Queue()
@@ -115,9 +116,11 @@ class Pipeline:
         if exc_type is None and self.error is not None:  # a stage failed to close after the last run
             raise self.error
 
-    def run(self, feed: Mapping[str, np.ndarray], decoding: bool = False) -> dict[str, np.ndarray]:
+    def run(self, feed: Mapping[str, np.ndarray], decoding: bool = False, run_options=None) -> dict[str, np.ndarray]:
         """The inference agent: one pass over every stage, in order, on the caller's thread (decoding: see
-        run_chain)."""
+        run_chain). An onnxruntime RunOptions whose `terminate` is set (from any thread) stops the pass
+        before its next stage."""
+        self.run_options = run_options
         return run_chain(self.manifest, feed, self._prepared_for, self._after_run, self._traced, self.last_use,
                          decoding)
 
@@ -125,6 +128,8 @@ class Pipeline:
         return self.tracer.span(f"run {self.manifest.stages[i].name}", "run", thread="inference")
 
     def _prepared_for(self, i: int) -> Prepared:
+        if self.run_options is not None and self.run_options.terminate:
+            raise RunTerminated(f"run stopped by run_options.terminate before {self.manifest.stages[i].describe()}")
         if i in self.resident.stages:
             return self.resident.stages[i]
         position = self.used
