@@ -132,6 +132,16 @@ def cmd_verify(args) -> None:
           f"manifest says")
 
 
+def cmd_update(args) -> None:
+    from .format.update import update_model
+
+    r = update_model(args.model_dir, args.new_dir)
+    old = (f"the old version waits at {r.retired} until the sessions reading it close" if r.retired
+           else "the old version is removed")
+    print(f"updated {args.model_dir} from {args.new_dir}: {len(r.copied)} files copied "
+          f"({format_bytes(r.copied_bytes)}), {len(r.linked)} unchanged (hard links); {old}")
+
+
 def add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="weight-only 8/4-bit stages with ORT's MatMulNBits, stage by stage")
     q.add_argument("model_dir", help="an fp32 model directory")
@@ -234,6 +244,11 @@ def parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check every file of a model directory against its manifest (sha256)")
     verify.add_argument("model_dir")
     verify.set_defaults(func=cmd_verify)
+    update = sub.add_parser("update", help="replace a model directory by a new version atomically, copying only "
+                                           "the files whose sha256 changed; open sessions keep their version")
+    update.add_argument("model_dir")
+    update.add_argument("new_dir", help="the new version (a model directory, checked whole first)")
+    update.set_defaults(func=cmd_update)
     return p
 
 

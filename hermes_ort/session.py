@@ -21,6 +21,7 @@ from .engine.inputs import check_feed
 from .format.manifest import TensorSpec
 from .engine.memory import available, parse_budget, rss, warn_above_machine
 from .model_cache import model_directory
+from .format.pinned import PinnedDirectory
 from .ort_api import PROVIDER, UNSUPPORTED, budget_of, check_providers
 from .engine.pipeline import Pipeline, Resident
 from .planning.planner import Plan, plan
@@ -87,13 +88,18 @@ class InferenceSession:
             sess_options, memory_budget = None, sess_options
         check_providers(providers)
         self.sess_options = sess_options
-        self.directory = model_directory(path_or_bytes)
-        self.manifest = manifest_io.load(self.directory)
-        memory_budget = budget_of(memory_budget, sess_options)
-        self.budget = (parse_budget(memory_budget, self.manifest.bytes) if memory_budget is not None
-                       else int(available() * HEADROOM))
-        warn_above_machine(self.budget)
-        templates = Templates(self.directory, self.manifest)
+        self._pin = PinnedDirectory(model_directory(path_or_bytes))  # this version, even after `hermes update`
+        self.directory, self._root = self._pin.path, self._pin.root  # named in messages; read from
+        try:
+            self.manifest = manifest_io.load(self._root)
+            memory_budget = budget_of(memory_budget, sess_options)
+            self.budget = (parse_budget(memory_budget, self.manifest.bytes) if memory_budget is not None
+                           else int(available() * HEADROOM))
+            warn_above_machine(self.budget)
+            templates = Templates(self._root, self.manifest)
+        except BaseException as e:
+            self._pin.close()
+            raise self._pin.readable(e) if isinstance(e, HermesError) else e
         self._pass_plan = plan_override  # made on first use: a session used only to generate never needs it
         self._plan_override = plan_override
         self.last_generation_plan: Plan | None = None  # what the latest generation ran with (CLI stats)
@@ -110,7 +116,7 @@ class InferenceSession:
 
     def _plan_for(self, feed: Mapping[str, np.ndarray] | None) -> Plan:
         if self._pass_plan is None:
-            profile = model_profile(self.directory, self.manifest, self._resident.templates, feed)
+            profile = model_profile(self._root, self.manifest, self._resident.templates, feed)
             templates = self._resident.templates
             self._pass_plan = quantized_prepacked(plan(in_this_process(profile, templates), self.budget), templates)
         return self._pass_plan
@@ -140,7 +146,7 @@ class InferenceSession:
             run_options=None) -> list[np.ndarray]:
         names = self._output_names(output_names)
         feed = check_feed(self.manifest, input_feed, self._resident.templates.index_bounds)
-        with self._exclusive(), Pipeline(self.directory, self.manifest, self._plan_for(feed), self._resident,
+        with self._exclusive(), Pipeline(self._root, self.manifest, self._plan_for(feed), self._resident,
                                                self.tracer) as pipeline:
             outputs = pipeline.run(feed, run_options=run_options)
         return [outputs[n] for n in names]
@@ -150,7 +156,7 @@ class InferenceSession:
         if self._plan_override is not None:
             return self._plan_override
         templates = self._resident.templates
-        profile = in_this_process(decode_profile(self.directory, self.manifest, templates, work.batch), templates)
+        profile = in_this_process(decode_profile(self._root, self.manifest, templates, work.batch), templates)
         self.last_generation_plan = quantized_prepacked(plan_generation(
             profile, CacheLayout.of(self.manifest), self.manifest, work, self.budget), templates)
         return self.last_generation_plan
@@ -159,7 +165,7 @@ class InferenceSession:
     def engine(self, plan: Plan | None = None) -> Iterator[Pipeline]:
         """A pipeline kept across passes (one generation): its loaders run ahead into the next pass.
         Exclusive while open; its exit joins its threads (resident stages stay, as after run())."""
-        with self._exclusive(), Pipeline(self.directory, self.manifest, plan or self.plan, self._resident,
+        with self._exclusive(), Pipeline(self._root, self.manifest, plan or self.plan, self._resident,
                                                self.tracer, cyclic=True) as pipeline:
             yield pipeline
 
@@ -167,6 +173,8 @@ class InferenceSession:
     def _exclusive(self) -> Iterator[None]:
         """One pass or generation at a time; other threads wait, the thread already inside (a run() from
         within an open stream) is told instead of waiting for itself forever."""
+        if self._pin.fd is None:
+            raise HermesError(f"this session of {self.directory} is closed: open a new InferenceSession")
         if self._running_in == threading.get_ident():
             raise HermesError("this session is already running a pass or a generation on this thread: finish or "
                               "close the open stream first")
@@ -174,12 +182,15 @@ class InferenceSession:
             self._running_in = threading.get_ident()
             try:
                 yield
+            except HermesError as e:
+                raise self._pin.readable(e) from e.__cause__
             finally:
                 self._running_in = None
 
     def close(self) -> None:
-        """Drops the resident sessions."""
+        """Drops the resident sessions and lets go of the model's version (a retired one is then removed)."""
         self._resident.close()
+        self._pin.close()
 
     def __enter__(self) -> "InferenceSession":
         return self
