@@ -48,9 +48,11 @@ class ExportResult:
 
 
 def export_model(source: str, out: str | os.PathLike, seed: int = 0, simplify: bool = True,
-                 progress: bool = True) -> ExportResult:
+                 progress: bool = True, random_weights: bool = False) -> ExportResult:
+    """SOURCE: a local transformers folder, a Hugging Face repository id or a table name: the published
+    model it names, or with random_weights seeded random weights of its shape (marked in the manifest)."""
     start = time.perf_counter()
-    family, model, folder = load_source(source, seed)
+    family, model, folder = load_source(source, seed, random_weights)
     rng = np.random.default_rng(seed)
     cases = family.cases(model, rng)  # torch references first: exporting may change later eager outputs
     with building(out) as tmp:
@@ -90,7 +92,8 @@ def describe(family: Family, model, stages: list[StageSpec], source: str, seed: 
     tokenizer = "tokenizer.json" if any(f.path == "tokenizer.json" for f in files) else None
     return Manifest(family=family.name, config=model.config.to_diff_dict(), inputs=tuple(inputs.values()),
                     outputs=tuple(outputs), stages=tuple(stages), tokenizer=tokenizer,
-                    extra={"source": str(source), "seed": seed if folder is None else None}, files=files)
+                    extra={"source": str(source), "random_weights": folder is None,
+                           "seed": seed if folder is None else None}, files=files)
 
 
 def copy_extras(family: Family, folder: Path | None, directory: Path) -> tuple[FileSpec, ...]:

@@ -41,6 +41,15 @@ NAMED: dict[str, tuple[str, dict]] = {
 }
 
 
+HUB: dict[str, str] = {  # table names that are published models: their Hugging Face repository
+    "gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+    "bert-base": "google-bert/bert-base-uncased", "bert-large": "google-bert/bert-large-uncased",
+    "vit-base": "google/vit-base-patch16-224", "vit-large": "google/vit-large-patch16-224",
+    "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+}
+
+
 def named(name: str) -> tuple[str, dict]:
     """(family, settings) for a table name; an unknown name lists the known ones."""
     if name not in NAMED:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .commands import cmd_cache, cmd_convert, cmd_generate, cmd_quantize
 from .errors import HermesError
+from .format.manifest import weights_note
 from .engine.memory import available, format_bytes, parse_budget, peak_rss
 
 
@@ -45,7 +46,8 @@ def cmd_profile(args) -> None:
     profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, sizes), sizes, args.threads)
     print(profile_table(profile))
     name = decode_profile_name(args.batch) if args.decode else profiles.PROFILE_NAME
-    print(f"saved {profiles.save(profile, args.model_dir, name)}")
+    saved = profiles.save(profile, args.model_dir, name)
+    print(f"profiled {args.model_dir}{weights_note(manifest)}: saved {saved}")
 
 
 def cmd_plan(args) -> None:
@@ -60,6 +62,7 @@ def cmd_plan(args) -> None:
     if args.decode:
         return print_generation_plan(args, manifest)
     profile = model_profile(Path(args.model_dir), manifest, Templates(Path(args.model_dir), manifest))
+    print(f"plans for {args.model_dir}{weights_note(manifest)}")
     if args.budget:
         print(plan_text(plan(profile, parse_budget(args.budget, manifest.bytes), args.cold)))
     else:
@@ -112,7 +115,8 @@ def cmd_run(args) -> None:
         names = [o.name for o in session.get_outputs()]
     seconds = time.perf_counter() - start
     p = session.plan
-    print(f"ran {args.model_dir} in {seconds:.3f} s, peak RSS {format_bytes(peak_rss())} "
+    print(f"ran {args.model_dir}{weights_note(session.manifest)} in {seconds:.3f} s, "
+          f"peak RSS {format_bytes(peak_rss())} "
           f"(budget {format_bytes(p.budget)}; plan: {p.loaders} loaders, window {p.window}, "
           f"{len(p.resident)} resident)")
     if args.out:
@@ -128,8 +132,8 @@ def cmd_verify(args) -> None:
 
     manifest = manifest_io.load(args.model_dir, deep=True)
     files = {f.path for s in manifest.stages for f in s.files} | {f.path for f in manifest.files}
-    print(f"{args.model_dir}: {len(manifest.stages)} stages, {len(files)} files, every size and sha256 as the "
-          f"manifest says")
+    print(f"{args.model_dir}{weights_note(manifest)}: {len(manifest.stages)} stages, {len(files)} files, "
+          f"every size and sha256 as the manifest says")
 
 
 def cmd_update(args) -> None:

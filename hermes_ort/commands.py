@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .errors import HermesError
+from .format.manifest import weights_note
 from .engine.memory import format_bytes, parse_budget, peak_rss
 
 
@@ -42,7 +43,8 @@ def cmd_generate(args) -> None:
     plan = session.last_generation_plan or session.plan
     rate = (count - 1) / max(seconds - first, 1e-9) if count > 1 else 0.0
     streamed = len(session.manifest.stages) - len(plan.resident)
-    print(f"\n{count} tokens; first token {first:.2f} s, then {rate:.2f} tokens/s; peak RSS "
+    print(f"\n{count} tokens from {args.model_dir}{weights_note(session.manifest)}; first token {first:.2f} s, "
+          f"then {rate:.2f} tokens/s; peak RSS "
           f"{format_bytes(peak_rss())} (budget {format_bytes(session.budget)}; plan: {len(plan.resident)} "
           f"resident, {streamed} streamed stages, {plan.loaders} loaders, window {plan.window})", file=sys.stderr)
 

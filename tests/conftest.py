@@ -26,7 +26,7 @@ def exported(models_dir):
 
     def get(name: str):
         if name not in cache:
-            cache[name] = export_model(name, models_dir / name, seed=0, progress=False)
+            cache[name] = export_model(name, models_dir / name, seed=0, progress=False, random_weights=True)
         return cache[name]
 
     return get
@@ -37,4 +37,4 @@ def torch_model():
     """name -> the seeded torch model the export of that name was built from."""
     from export.families import load_source
 
-    return lambda name: load_source(name, 0)[1]
+    return lambda name: load_source(name, 0, random_weights=True)[1]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hermes_ort
+from hermes_ort.engine.feeds import synthetic_feed
 from export import bert, gpt2, vit
 from export.configs import NAMED
 from export.families import FAMILIES
@@ -81,6 +82,60 @@ def test_unknown_name_lists_known_ones(tmp_path):
 
     with pytest.raises(HermesError, match="gpt2-medium"):
         export_model("gpt5", tmp_path / "x", progress=False)
+    with pytest.raises(HermesError, match="gpt2-medium"):
+        export_model("gpt5", tmp_path / "x", progress=False, random_weights=True)
+
+
+def hub_cache(monkeypatch, path):
+    """The Hugging Face cache at `path`, offline: as on a board without the network, the local cache only."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read when huggingface_hub was imported: set both
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(path))
+
+
+def test_a_published_name_means_its_real_weights_and_says_so_when_they_cannot_be_had(tmp_path, monkeypatch, capsys):
+    from export.__main__ import main as export
+
+    hub_cache(monkeypatch, tmp_path / "empty-cache")
+    assert export(["gpt2-medium", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot get 'gpt2-medium' (openai-community/gpt2-medium) from the Hugging Face" \
+        in err and "--random-weights" in err
+    assert not (tmp_path / "m").exists()
+    assert export(["tiny-gpt2", "--out", str(tmp_path / "m")]) == 2
+    assert "'tiny-gpt2' is a test shape with no published weights: pass --random-weights" in capsys.readouterr().err
+
+
+def test_a_name_in_the_local_hub_cache_exports_the_cached_weights(tmp_path, monkeypatch, capsys, torch_model,
+                                                                  exported):
+    """The real path for `python -m export gpt2`: the model's files from the Hugging Face cache (filled here
+    by hand with a small GPT-2 saved by transformers, as a download would have left it)."""
+    from export.__main__ import main as export
+    from hermes_ort.__main__ import main as hermes
+
+    snapshot = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / ("0" * 40)
+    model = torch_model("tiny-gpt2")
+    model.save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    hub_cache(monkeypatch, tmp_path / "hub")
+    assert export(["gpt2", "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("exported gpt2: ") and "random" not in out
+    manifest = hermes_ort.InferenceSession(tmp_path / "m").manifest
+    assert manifest.extra["random_weights"] is False and manifest.config["n_embd"] == 64
+    feed = synthetic_feed(manifest, {"sequence": 5})
+    (cached,) = hermes_ort.InferenceSession(tmp_path / "m").run(["logits"], feed)  # the cache's weights, which
+    (saved,) = hermes_ort.InferenceSession(exported("tiny-gpt2").directory).run(["logits"], feed)  # were these
+    np.testing.assert_allclose(cached, saved, atol=1e-5)
+    assert hermes(["verify", str(tmp_path / "m")]) == 0 and "random" not in capsys.readouterr().out
+    assert export(["tiny-gpt2", "--random-weights", "--out", str(tmp_path / "r")]) == 0
+    assert "exported tiny-gpt2 (seeded random weights, seed 0): " in capsys.readouterr().out
+    assert hermes(["verify", str(tmp_path / "r")]) == 0
+    assert f"{tmp_path / 'r'} (seeded random weights, seed 0): 6 stages" in capsys.readouterr().out
 
 
 def test_unsupported_family_is_named(tmp_path):
@@ -98,7 +153,7 @@ def test_failed_check_leaves_nothing_that_looks_like_a_model(tmp_path, monkeypat
 
     monkeypatch.setattr(build, "TOLERANCE", -1.0)  # every export now fails its self-check
     with pytest.raises(build.ExportError, match="differs from torch"):
-        build.export_model("tiny-bert", tmp_path / "m", progress=False)
+        build.export_model("tiny-bert", tmp_path / "m", progress=False, random_weights=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -108,7 +163,7 @@ def test_export_refuses_to_replace_a_foreign_directory(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "notes.txt").write_text("mine")
     with pytest.raises(HermesError, match="not a model directory"):
-        export_model("tiny-vit", tmp_path / "m", progress=False)
+        export_model("tiny-vit", tmp_path / "m", progress=False, random_weights=True)
     assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
 
 
@@ -124,7 +179,7 @@ def test_onnxsim_shrinks_stage_graphs(exported, tmp_path):
 
     from export.build import export_model
 
-    plain = export_model("tiny-gpt2", tmp_path / "plain", simplify=False, progress=False).directory
+    plain = export_model("tiny-gpt2", tmp_path / "plain", simplify=False, progress=False, random_weights=True).directory
     nodes = lambda d: len(onnx.load(str(d / "block_00.onnx"), load_external_data=False).graph.node)
     assert nodes(exported("tiny-gpt2").directory) < nodes(plain)
 

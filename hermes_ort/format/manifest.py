@@ -139,6 +139,13 @@ class Manifest:
         )
 
 
+def weights_note(manifest: Manifest) -> str:
+    """' (seeded random weights, seed N)' for exports of a shape only, so no output passes them off as the
+    published model; '' otherwise. Exports before the flag existed recorded only their seed."""
+    random = manifest.extra.get("random_weights", manifest.extra.get("seed") is not None)
+    return f" (seeded random weights, seed {manifest.extra.get('seed')})" if random else ""
+
+
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
