@@ -27,6 +27,7 @@ from hermes_ort.engine.loading import read_ahead
 from hermes_ort.engine.memory import format_bytes, parse_budget, peak_rss
 from hermes_ort.planning.planner import Plan
 from hermes_ort.planning.report import table
+from hermes_ort.format.manifest import weights_note
 
 from .machine import describe
 from .strategies import prepare_whole
@@ -170,7 +171,7 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
         for name, budget, r in runs:
             floor = batch / max(whole["step_s"], r["streamed_bytes"] / bandwidth)
             rows.append(row(directory.name, batch, name, budget, r, whole, floor, manifest))
-    print(f"# {directory.name}: {format_bytes(manifest.bytes)} on disk; page cache (MAP_POPULATE) "
+    print(f"# {directory.name}{weights_note(manifest)}: {format_bytes(manifest.bytes)} on disk; page cache (MAP_POPULATE) "
           f"{bandwidth / 1e9:.1f} GB/s", flush=True)
     return rows
 

@@ -18,6 +18,7 @@ import numpy as np
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.engine.memory import format_bytes, parse_budget
 from hermes_ort.planning.report import table
+from hermes_ort.format.manifest import weights_note
 
 from .machine import describe
 from .strategies import STRATEGIES, prepare_whole
@@ -58,7 +59,7 @@ def bench_model(model_dir: Path, budget_text: str, sequence: int, scratch: Path)
         rows.append([model_dir.name, name, mode, f"{r['first_s']:.3f}", f"{r['first_s'] / floors[mode]:.2f}x",
                      f"{whole_first / r['first_s']:.2f}x", format_bytes(r["peak_rss"]),
                      "yes" if r["peak_rss"] <= budget else "no", f"{max_diff(save, reference):.1e}"])
-    print(f"# {model_dir.name}: {format_bytes(manifest.bytes)} on disk, budget {format_bytes(budget)}, disk "
+    print(f"# {model_dir.name}{weights_note(manifest)}: {format_bytes(manifest.bytes)} on disk, budget {format_bytes(budget)}, disk "
           f"{disk / 1e9:.2f} GB/s, whole-model steady run {steady:.3f} s, floor cold {floors['cold']:.3f} s / "
           f"warm {floors['warm']:.3f} s", flush=True)
     return rows

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import weakref
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -23,33 +24,8 @@ from hermes_ort.engine.memory import parse_budget
 from hermes_ort.engine.plan import Plan
 from hermes_ort.errors import BudgetError, RunTerminated, StageError
 
-LONG_RUN = r"""
-import json, os, sys, threading
-import numpy as np, psutil
-import hermes_ort
-from hermes_ort.engine.plan import Plan
-directory = sys.argv[1]
-names = tuple(s.name for s in hermes_ort.InferenceSession(directory).manifest.stages)
-streamed = Plan(budget=0, loaders=2, window=2, resident=(), prepacked=(), compute_threads=1, predicted_first_s=0,
-                predicted_steady_s=0, predicted_peak_bytes=0)
-me = psutil.Process()
-state = lambda: {"rss": me.memory_info().rss, "threads": threading.active_count(), "fds": me.num_fds()}
-out = {}
-with hermes_ort.InferenceSession(directory, plan_override=streamed) as session:
-    feed = {"input_ids": np.ones((1, 8), np.int64), "position_ids": np.arange(8)[None],
-            "attention_mask": np.ones((1, 8), np.int64),
-            **{t.name: np.zeros((1, 4, 0, 16), np.float32) for t in session.manifest.inputs if "past" in t.name}}
-    for n in range(1, 1001):
-        session.run(["logits"], feed)
-        if n in (10, 1000):
-            out[f"run {n}"] = state()
-    ids = np.random.default_rng(0).integers(1, 2048, (1, 6))
-    for n in range(1, 201):
-        hermes_ort.generate(session, ids, 4)
-        if n in (10, 200):
-            out[f"generation {n}"] = state()
-print(json.dumps(out))
-"""
+ROOT = Path(__file__).resolve().parents[1]
+
 
 
 @pytest.mark.parametrize("text, expected", [("400MB", 400_000_000), ("0.4GiB", int(0.4 * 2**30)),
@@ -73,15 +49,18 @@ def test_a_budget_above_the_machine_warns(exported):
 
 
 def test_long_runs_do_not_grow(exported):
-    """1,000 streamed runs then 200 generations of tiny-gpt2 in a fresh process: RSS within 5% of where it
-    stood after 10, and no thread or file descriptor more."""
-    done = subprocess.run([sys.executable, "-c", LONG_RUN, str(exported("tiny-gpt2").directory)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    """1,000 streamed runs then 200 generations of tiny-gpt2 in a fresh process (bench/soak.py): RSS within
+    5% of where it stood after 10, and no thread or file descriptor more."""
+    done = subprocess.run([sys.executable, "-m", "bench.soak", str(exported("tiny-gpt2").directory), "--runs", "1000",
+                           "--generations", "200", "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    for early, late in (("run 10", "run 1000"), ("generation 10", "generation 200")):
-        assert seen[late]["rss"] <= 1.05 * seen[early]["rss"], seen
-        assert seen[late]["threads"] == seen[early]["threads"] and seen[late]["fds"] == seen[early]["fds"], seen
+    assert [(name, phase["calls"]) for name, phase in seen["phases"].items()] == [("streamed runs", 1000),
+                                                                                  ("generations", 200)]
+    for phase in seen["phases"].values():
+        early, late = phase["after 10"], phase["at the end"]
+        assert late["rss"] <= 1.05 * early["rss"], seen
+        assert late["threads"] == early["threads"] and late["fds"] == early["fds"], seen
 
 
 CONCURRENT = r"""
