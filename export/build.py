@@ -107,15 +107,15 @@ def copy_extras(family: Family, folder: Path | None, directory: Path) -> tuple[F
 
 def verify(directory: Path, cases) -> float:
     """Max abs difference between ORT's stage chain and torch over every case; raises above TOLERANCE."""
-    session = hermes_ort.InferenceSession(directory)
-    run = lambda feed: dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
-    worst = 0.0
-    for case in cases:
-        got = case.run(run)
-        for name, want in case.expected.items():
-            diff = float(np.max(np.abs(got[name] - want)))
-            if not diff <= TOLERANCE:
-                raise ExportError(f"export check '{case.name}': output '{name}' differs from torch by {diff:.3g} "
-                                  f"(tolerance {TOLERANCE})")
-            worst = max(worst, diff)
+    with hermes_ort.InferenceSession(directory) as session:
+        run = lambda feed: dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        worst = 0.0
+        for case in cases:
+            got = case.run(run)
+            for name, want in case.expected.items():
+                diff = float(np.max(np.abs(got[name] - want)))
+                if not diff <= TOLERANCE:
+                    raise ExportError(f"export check '{case.name}': output '{name}' differs from torch by "
+                                      f"{diff:.3g} (tolerance {TOLERANCE})")
+                worst = max(worst, diff)
     return worst

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from hermes_ort.engine import loading
 from hermes_ort.engine.feeds import synthetic_feed
 from hermes_ort.engine.memory import parse_budget
 from hermes_ort.engine.plan import Plan
+from hermes_ort.format import manifest as manifest_io
 from hermes_ort.errors import BudgetError, RunTerminated, StageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,3 +161,49 @@ def test_run_options_terminate_stops_a_run_between_stages(exported, monkeypatch)
     assert isinstance(caught.value, RunTerminated) and engine_threads() == []
     np.testing.assert_array_equal(session.run(["logits"], feed, hermes_ort.RunOptions())[0], expected)
     session.close()
+
+
+DIES_AT_THE_THIRD_STAGE = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import hermes_ort.format.stage_files as stage_files
+real, calls = stage_files.write_stage, [0]
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 3:
+        os._exit(70)  # as a kill or a power cut: no exception, no cleanup
+    return real(*args, **kwargs)
+stage_files.write_stage = dying  # before the exporter and converter import it
+from export.__main__ import main as export
+from hermes_ort.__main__ import main as hermes
+sys.exit((export if sys.argv[2] == "export" else hermes)(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("tool", ["export", "convert"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_build_killed_half_way_leaves_the_old_model_or_none_and_the_rerun_finishes(tool, existing, tmp_path,
+                                                                                    exported):
+    from tiny_gguf import write_tiny_gguf
+
+    out = tmp_path / "m"
+    if tool == "export":
+        args, module = ["tiny-gpt2", "--random-weights", "--out", str(out)], "export"
+    else:
+        write_tiny_gguf(tmp_path / "tiny.gguf")
+        args, module = ["convert", str(tmp_path / "tiny.gguf"), "--out", str(out)], "hermes_ort"
+    if existing:  # the model the board runs today
+        shutil.copytree(exported("tiny-llama").directory, out)
+        before = manifest_io.load(out, deep=True)
+    killed = subprocess.run([sys.executable, "-c", DIES_AT_THE_THIRD_STAGE, str(ROOT), tool, *args],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 70, killed.stderr
+    assert manifest_io.load(out, deep=True) == before if existing else not out.exists()
+    hidden = lambda: [p.name for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith(".m.")]
+    assert [name.split("-")[0] for name in hidden()] == [".m.partial"]  # what the kill left, out of the way
+    rerun = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stderr
+    after = manifest_io.load(out, deep=True)
+    assert after.family == ("gpt2" if tool == "export" else "llama") and not (existing and after == before)
+    assert hidden() == []  # swept

@@ -131,7 +131,7 @@ def test_bad_settings_are_refused(exported, tmp_path):
 def test_export_bits_publishes_only_the_quantized_directory(tmp_path):
     from export.__main__ import main
 
-    assert main(["tiny-vit", "--out", str(tmp_path / "v4"), "--bits", "4"]) == 0
+    assert main(["tiny-vit", "--random-weights", "--out", str(tmp_path / "v4"), "--bits", "4"]) == 0
     manifest = json.loads((tmp_path / "v4" / "manifest.json").read_text())
     assert manifest["extra"]["precision"] == "int4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v4"]  # no fp32 scratch left beside it

@@ -15,7 +15,7 @@ from hermes_ort.__main__ import main as hermes
 from hermes_ort.engine.feeds import synthetic_feed
 from hermes_ort.engine.plan import Plan
 from hermes_ort.format import manifest as manifest_io
-from hermes_ort.format import update as update_module
+from hermes_ort.format import publish
 from hermes_ort.format.manifest import FileSpec
 from hermes_ort.format.update import update_model
 
@@ -94,7 +94,7 @@ def crash_at(step: int, model, new) -> int:
             setattr(os, name, counted(getattr(os, name)))
         shutil.copy2 = counted(shutil.copy2)
         shutil.rmtree = counted(shutil.rmtree)
-        update_module.exchange = counted(update_module.exchange)
+        publish.exchange = counted(publish.exchange)
         update_model(model, new)
         os.write(write, str(calls[0]).encode())
         os._exit(0)

@@ -135,27 +135,27 @@ def self_check(model: GGUFModel, directory: Path, tokens: int, tolerance: float)
 
     s, rng = model.settings, np.random.default_rng(0)
     rows = cached_tables(model)
-    session = InferenceSession(directory, memory_budget=None)
-    worst_block = 0.0
-    shared = shared_tables(session.manifest, directory, tokens)
-    for i in range(s.layers):
-        x = rng.standard_normal((tokens, s.hidden)).astype(np.float32)
-        stage = session.manifest.stage(f"block_{i:02d}")
-        got = run_stage(stage, open_stage(directory, stage, SessionConfig()), {**shared, **block_feed(s, i, x)})
-        want = reference.block(rows, i, s, x)
-        diff = max(relative_diff(got[t.name][0], w) for t, w in zip(stage.outputs, want))
-        worst_block = check(diff, tolerance, f"block_{i:02d} against the numpy reference", worst_block)
-    ids = rng.integers(0, s.vocab, tokens)
-    feed = {"input_ids": ids[None], "position_ids": np.arange(tokens)[None], "attention_mask": np.ones((1, tokens),
-                                                                                                       np.int64)}
-    feed |= {f"past.{i}.{kv}": np.zeros((1, s.kv_heads, 0, s.head_dim), np.float32)
-             for i in range(s.layers) for kv in ("key", "value")}
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))["logits"][0]
-    want = reference.logits(rows, s, ids)
-    chain = check(relative_diff(got, want), tolerance, "the chained stages against the numpy forward", 0.0)
-    if not np.array_equal(got.argmax(-1), want.argmax(-1)):
-        raise ConvertError(f"conversion check failed: the chained stages' top-1 tokens {got.argmax(-1).tolist()} "
-                           f"differ from the numpy forward's {want.argmax(-1).tolist()}")
+    with InferenceSession(directory, memory_budget=None) as session:
+        worst_block = 0.0
+        shared = shared_tables(session.manifest, directory, tokens)
+        for i in range(s.layers):
+            x = rng.standard_normal((tokens, s.hidden)).astype(np.float32)
+            stage = session.manifest.stage(f"block_{i:02d}")
+            got = run_stage(stage, open_stage(directory, stage, SessionConfig()), {**shared, **block_feed(s, i, x)})
+            want = reference.block(rows, i, s, x)
+            diff = max(relative_diff(got[t.name][0], w) for t, w in zip(stage.outputs, want))
+            worst_block = check(diff, tolerance, f"block_{i:02d} against the numpy reference", worst_block)
+        ids = rng.integers(0, s.vocab, tokens)
+        feed = {"input_ids": ids[None], "position_ids": np.arange(tokens)[None], "attention_mask": np.ones((1, tokens),
+                                                                                                           np.int64)}
+        feed |= {f"past.{i}.{kv}": np.zeros((1, s.kv_heads, 0, s.head_dim), np.float32)
+                 for i in range(s.layers) for kv in ("key", "value")}
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))["logits"][0]
+        want = reference.logits(rows, s, ids)
+        chain = check(relative_diff(got, want), tolerance, "the chained stages against the numpy forward", 0.0)
+        if not np.array_equal(got.argmax(-1), want.argmax(-1)):
+            raise ConvertError(f"conversion check failed: the chained stages' top-1 tokens {got.argmax(-1).tolist()} "
+                               f"differ from the numpy forward's {want.argmax(-1).tolist()}")
     return {"max_rel_diff_blocks": worst_block, "max_rel_diff_logits": chain}
 
 

@@ -27,8 +27,8 @@ class PinnedDirectory:
                 self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
             except (FileNotFoundError, NotADirectoryError) as e:
                 raise ManifestError(f"{self.path} is not a model directory: {e.strerror}") from e
-            lock(self.fd, fcntl.LOCK_SH)
-            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+            lock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held exclusively only by its builder (a self-check),
+            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:  # which keeps it from removal anyway
                 break
             os.close(self.fd)
         proc = Path(f"/proc/self/fd/{self.fd}")
@@ -42,6 +42,11 @@ class PinnedDirectory:
         clear = type(error)(text.replace(str(self.root), str(self.path)))
         clear.__cause__ = error.__cause__
         return clear
+
+    def __del__(self):  # a session dropped without close(): its descriptor (and lock) must not outlive it
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def close(self) -> None:
         """Lets go of the version; removes it if an update retired it and no other session reads it."""
