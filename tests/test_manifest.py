@@ -1,6 +1,7 @@
 """manifest.json: round trip, and clear errors for corrupt or incomplete model directories."""
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import hermes_ort
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.errors import InputError, ManifestError, StageError
+from hermes_ort.format.manifest import FileSpec
 
 
 @pytest.fixture
@@ -163,3 +165,55 @@ def test_cli_verify_checks_every_file(model_dir, capsys):
     assert hermes(["verify", str(model_dir)]) == 2
     err = capsys.readouterr().err
     assert "stage 'block_01' (block_01.onnx): file" in err and "does not match its sha256" in err
+
+
+def flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def restate(model_dir, name, change):
+    """Changes a stage's manifest entry and states its files' sizes and sha256 anew: a consistent manifest
+    for files that are still wrong."""
+    manifest = manifest_io.Manifest.from_json(json.loads((model_dir / "manifest.json").read_text()))
+    stages = tuple(change(s) if s.name == name else s for s in manifest.stages)
+    stages = tuple(dataclasses.replace(s, graph=FileSpec.of(model_dir, s.graph.path), weights=tuple(
+        FileSpec.of(model_dir, w.path) for w in s.weights)) for s in stages)
+    manifest_io.save(dataclasses.replace(manifest, stages=stages), model_dir)
+
+
+def shorten(model_dir):
+    path = model_dir / "block_00.data"
+    path.write_bytes(path.read_bytes()[:-4096])
+    restate(model_dir, "block_00", lambda s: s)
+
+
+def extra_input(model_dir, name):
+    mask = manifest_io.load(model_dir).inputs[2]
+    restate(model_dir, name, lambda s: dataclasses.replace(s, inputs=(*s.inputs, mask)))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "manifest.json").unlink(), "is not a model directory: manifest.json is missing"),
+    (lambda d: (d / "manifest.json").write_text("{"), "manifest.json is corrupt: JSONDecodeError"),
+    (lambda d: (d / "manifest.json").write_text(json.dumps({**json.loads((d / "manifest.json").read_text()),
+                                                             "version": 2})), "manifest version 2 is not supported"),
+    (lambda d: (d / "block_01.onnx").unlink(), "stage 'block_01' \\(block_01.onnx\\): file .*block_01.onnx is missing"),
+    (lambda d: (d / "head.data").write_bytes(b"\0" * 100), "stage 'head' .*head.data has 100 bytes, manifest says"),
+    (lambda d: flip_a_bit(d / "block_01.data"), "stage 'block_01' .*: file block_01.data does not match its sha256"),
+    (shorten, "stage 'block_00' \\(block_00.onnx\\): its weights need bytes up to \\d+ of block_00.data, which "
+              "holds \\d+: the file is shorter than its tensors"),
+    (lambda d: extra_input(d, "head"), "stage 'head' \\(head.onnx\\): graph takes .* but the manifest says"),
+    (lambda d: extra_input(d, "block_00"), "stage 'block_00' \\(block_00.onnx\\): graph takes .* but the manifest says"),
+])
+def test_a_damaged_model_directory_is_one_line_naming_file_and_problem(model_dir, capsys, damage, message):
+    from hermes_ort.__main__ import main as hermes
+
+    damage(model_dir)
+    assert hermes(["run", str(model_dir), "--budget", "4GiB", "--sequence", "5"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("hermes: error: ")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    assert re.search(message, errors[0]), err
+    assert "/proc/self" not in err  # the directory as the user named it

@@ -101,6 +101,23 @@ def index_bounds(graph: onnx.GraphProto) -> tuple[tuple[str, int], ...]:
     return tuple(bounds.items())
 
 
+def check_extents(directory: Path, manifest: Manifest, canonical: dict[str, Canonical]) -> None:
+    """Every weight's bytes lie inside its data file: a file cut short (with a manifest restated to match)
+    is named when the session opens, not as a failed mmap deep inside a load."""
+    sizes: dict[str, int] = {}
+    for stage in manifest.stages:
+        for w in canonical[stage.name].weights:
+            if w.location not in sizes:
+                try:
+                    sizes[w.location] = (directory / w.location).stat().st_size
+                except OSError as e:  # a data file the graph names but the manifest does not
+                    raise StageError(f"{stage.describe()}: cannot read {w.location}: {e.strerror}") from e
+            if w.offset + w.length > sizes[w.location]:
+                raise StageError(f"{stage.describe()}: its weights need bytes up to {w.offset + w.length} of "
+                                 f"{w.location}, which holds {sizes[w.location]}: the file is shorter than its "
+                                 f"tensors")
+
+
 def repacks_every_run(node: onnx.NodeProto, weights: set[str]) -> bool:
     """Gemm(transB=1) transposes a weight input every run; MatMulNBits with its bits as an input falls back
     to dequantizing the whole matrix every run (SmolLM2 native: 1.2 against 40+ tokens/s)."""
@@ -151,6 +168,7 @@ class Templates:
     def __init__(self, directory: Path, manifest: Manifest):
         self.integrity = FirstLoadCheck(directory)  # each file hashed once per session, before its first load
         self.canonical = {s.name: canonicalize(directory, s) for s in manifest.stages}
+        check_extents(directory, manifest, self.canonical)
         counts: dict[str, int] = {}
         for form in self.canonical.values():
             counts[form.key] = counts.get(form.key, 0) + 1
