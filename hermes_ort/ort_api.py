@@ -3,8 +3,10 @@ sys.modules["onnxruntime"]) is the only change: option classes, provider and dev
 and the budget read from SessionOptions or the environment."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from dataclasses import dataclass, field
 
 import onnxruntime as _ort
 
@@ -20,8 +22,38 @@ PROVIDER = "CPUExecutionProvider"
 BUDGET_KEY = "hermes.memory_budget"  # sess_options.add_session_config_entry(BUDGET_KEY, "300MiB")
 BUDGET_ENV = "HERMES_ORT_MEMORY_BUDGET"
 UNSUPPORTED = ("io_binding", "run_with_iobinding", "run_with_ort_values", "run_with_ortvaluevector",
-               "run_async", "end_profiling", "get_profiling_start_time_ns", "get_modelmeta", "set_providers",
+               "run_async", "end_profiling", "get_profiling_start_time_ns", "set_providers",
                "get_overridable_initializers")
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What onnxruntime's ModelMetadata holds, from the manifest: the family as graph name, the manifest's
+    facts (source, seed, export or conversion checks) as custom metadata strings."""
+
+    producer_name: str = "hermes-ort"
+    graph_name: str = ""
+    domain: str = ""
+    description: str = ""
+    graph_description: str = ""
+    version: int = 0
+    custom_metadata_map: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, manifest) -> "ModelMetadata":
+        facts = {k: v if isinstance(v, str) else json.dumps(v) for k, v in manifest.extra.items()}
+        return cls(graph_name=manifest.family, version=manifest.version, custom_metadata_map=facts)
+
+
+def threads_of(sess_options) -> int:
+    """The app's intra_op_num_threads (0: let the plan choose)."""
+    return getattr(sess_options, "intra_op_num_threads", 0) or 0
+
+
+def log_severity_of(sess_options, default: int = 3) -> int:
+    """The app's log_severity_level when it asked for one other than ORT's default warning level."""
+    level = getattr(sess_options, "log_severity_level", 2)
+    return default if level == 2 else level
 
 
 def get_available_providers() -> list[str]:

@@ -22,7 +22,8 @@ from .format.manifest import TensorSpec
 from .engine.memory import available, parse_budget, rss, warn_above_machine
 from .model_cache import model_directory
 from .format.pinned import PinnedDirectory
-from .ort_api import PROVIDER, UNSUPPORTED, budget_of, check_providers
+from .ort_api import (PROVIDER, UNSUPPORTED, ModelMetadata, budget_of, check_providers, log_severity_of,
+                      threads_of)
 from .engine.pipeline import Pipeline, Resident
 from .planning.planner import Plan, plan
 from .planning.profiles import Profile
@@ -100,11 +101,11 @@ class InferenceSession:
         except BaseException as e:
             self._pin.close()
             raise self._pin.readable(e) if isinstance(e, HermesError) else e
-        self._pass_plan = plan_override  # made on first use: a session used only to generate never needs it
+        self._pass_plan = self._as_the_app_asks(plan_override) if plan_override else None  # made on first use: a session used only to generate never needs it
         self._plan_override = plan_override
         self.last_generation_plan: Plan | None = None  # what the latest generation ran with (CLI stats)
         self.tracer = tracer
-        self._resident = Resident(templates)
+        self._resident = Resident(templates, log_severity=log_severity_of(sess_options))
         self._one_run_at_a_time = threading.Lock()  # passes share the resident stages and templates
         self._running_in: int | None = None  # the thread holding it
 
@@ -118,8 +119,14 @@ class InferenceSession:
         if self._pass_plan is None:
             profile = model_profile(self._root, self.manifest, self._resident.templates, feed)
             templates = self._resident.templates
-            self._pass_plan = quantized_prepacked(plan(in_this_process(profile, templates), self.budget), templates)
+            chosen = plan(in_this_process(profile, templates), self.budget)
+            self._pass_plan = self._as_the_app_asks(quantized_prepacked(chosen, templates))
         return self._pass_plan
+
+    def _as_the_app_asks(self, chosen: Plan) -> Plan:
+        """The app's SessionOptions.intra_op_num_threads, when set, over the plan's compute threads."""
+        threads = threads_of(self.sess_options)
+        return dataclasses.replace(chosen, compute_threads=threads) if threads else chosen
 
     def get_providers(self) -> list[str]:
         return [PROVIDER]
@@ -129,6 +136,9 @@ class InferenceSession:
 
     def get_session_options(self):
         return self.sess_options
+
+    def get_modelmeta(self) -> ModelMetadata:
+        return ModelMetadata.of(self.manifest)
 
     def __getattr__(self, name: str):
         if name in UNSUPPORTED:
@@ -154,11 +164,11 @@ class InferenceSession:
     def generation_plan(self, work: Workload) -> Plan:
         """The plan for decoding `work` within this session's budget (see decode_plan.py)."""
         if self._plan_override is not None:
-            return self._plan_override
+            return self._as_the_app_asks(self._plan_override)
         templates = self._resident.templates
         profile = in_this_process(decode_profile(self._root, self.manifest, templates, work.batch), templates)
-        self.last_generation_plan = quantized_prepacked(plan_generation(
-            profile, CacheLayout.of(self.manifest), self.manifest, work, self.budget), templates)
+        self.last_generation_plan = self._as_the_app_asks(quantized_prepacked(plan_generation(
+            profile, CacheLayout.of(self.manifest), self.manifest, work, self.budget), templates))
         return self.last_generation_plan
 
     @contextlib.contextmanager

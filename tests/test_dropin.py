@@ -158,3 +158,25 @@ def test_hermes_cache_ls_and_clear(tmp_path, cache, capsys):
     assert str((tmp_path / "mlp.onnx").resolve()) in capsys.readouterr().out
     assert main(["cache", "clear"]) == 0
     assert "freed" in capsys.readouterr().out and model_cache.entries(cache) == []
+
+
+def test_session_options_reach_every_stage_session_and_modelmeta_answers(tmp_path, cache, monkeypatch):
+    real, created = ort.InferenceSession, []
+
+    def creating(model, sess_options=None, *args, **kwargs):
+        created.append((sess_options.intra_op_num_threads, sess_options.log_severity_level))
+        return real(model, sess_options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", creating)
+    options = hermes_ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = 3, 0  # 3: more than any plan picks here
+    session = hermes_ort.InferenceSession(str(write_mlp(tmp_path / "mlp.onnx")), options, memory_budget=roomy())
+    session.run(None, {"x": np.ones((2, WIDTH), np.float32)})
+    assert session.plan.compute_threads == 3 and created and set(created) == {(3, 0)}
+    created.clear()
+    default = hermes_ort.InferenceSession(str(tmp_path / "mlp.onnx"), memory_budget=roomy())
+    default.run(None, {"x": np.ones((2, WIDTH), np.float32)})
+    assert {level for _, level in created} == {3}  # quiet unless asked: ORT's warnings name internal stages
+    meta = session.get_modelmeta()
+    assert meta.producer_name == "hermes-ort" and meta.graph_name == session.manifest.family == "onnx" and meta.version == 1
+    assert "source" in meta.custom_metadata_map and all(isinstance(v, str) for v in meta.custom_metadata_map.values())

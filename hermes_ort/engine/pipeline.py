@@ -37,6 +37,7 @@ class Resident:
 
     templates: Templates | None = None
     stages: dict[int, Prepared] = field(default_factory=dict)
+    log_severity: int = 3  # of every ORT session this InferenceSession creates
 
     def keep_only(self, names: set[str], manifest: Manifest) -> None:
         """Drops resident stages a new plan streams, so they do not count beside its window."""
@@ -52,10 +53,10 @@ class Resident:
         give_back()
 
 
-def stage_config(plan: Plan, stage: StageSpec) -> SessionConfig:
+def stage_config(plan: Plan, stage: StageSpec, log_severity: int = 3) -> SessionConfig:
     """Streamed stages run beside loaders: no spinning threads to steal their cores."""
     return SessionConfig(intra_op_threads=plan.compute_threads, prepacking=stage.name in plan.prepacked,
-                         spinning=False)
+                         spinning=False, log_severity=log_severity)
 
 
 class Schedule:
@@ -179,7 +180,7 @@ class Pipeline:
             stage = self.manifest.stages[i]
             try:
                 with self.tracer.span(f"load {stage.name}", "load"):
-                    prepared = loading.prepare(self.directory, stage, stage_config(self.plan, stage),
+                    prepared = loading.prepare(self.directory, stage, stage_config(self.plan, stage, self.resident.log_severity),
                                                self.resident.templates)
             except BaseException as e:  # reaches the caller through _prepared_for, named by stage
                 with self.cond:

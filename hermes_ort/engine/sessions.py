@@ -31,6 +31,7 @@ class SessionConfig:
     spinning: bool = True
     optimization: str = "all"
     shared_arena: bool = False  # one CPU arena for the process instead of one per session, see below
+    log_severity: int = 3  # ORT's: 0 verbose .. 3 errors only (an app's SessionOptions may ask for more)
 
 
 _arena_lock = threading.Lock()
@@ -58,7 +59,7 @@ def session_options(config: SessionConfig) -> ort.SessionOptions:
     opts.intra_op_num_threads = config.intra_op_threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = _LEVELS[config.optimization]
-    opts.log_severity_level = 3
+    opts.log_severity_level = config.log_severity
     shared = config.shared_arena and not config.prepacking  # packed weights would stay in the shared arena
     opts.enable_cpu_mem_arena = shared  # after their session is destroyed, so prepacked stages use malloc
     if shared:
