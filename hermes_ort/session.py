@@ -57,13 +57,17 @@ def model_profile(directory: Path, manifest: manifest_io.Manifest, templates: Te
     return estimate_profile(manifest, templates, feed)
 
 
-def in_this_process(profile: Profile, templates: Templates) -> Profile:
+def in_this_process(profile: Profile, templates: Templates, held: Sequence[str] = ()) -> Profile:
     """The profile as this process can run it: its memory as the base when that is larger (what the app, a
-    tokenizer, its own arrays already hold counts against the budget; SmolLM2's tokenizer: +40 MiB), and
-    quantized stages prepacked only (unprepacked, MatMulNBits dequantizes its whole matrix every run: 10x
-    slower, and SmolLM2 native streamed that way overshot its plan by 7%)."""
+    tokenizer, its own arrays already hold counts against the budget; SmolLM2's tokenizer: +40 MiB), less
+    what the stages this session already `held` resident take (else the next plan would count them twice and
+    keep fewer, and the one after more: gpt2-medium at 25% swung between 1 and 4 resident stages, 80 and
+    228 MiB, from one generation to the next); and quantized stages prepacked only (unprepacked,
+    MatMulNBits dequantizes its whole matrix every run: 10x slower, and SmolLM2 native streamed that way
+    overshot its plan by 7%)."""
     packed_only = lambda s: dataclasses.replace(s, plain=s.prepacked) if templates.canonical[s.name].quantized else s
-    return dataclasses.replace(profile, base_bytes=max(profile.base_bytes, rss()),
+    holding = sum(min(s.plain.bytes, s.prepacked.bytes) for s in profile.stages if s.name in held)
+    return dataclasses.replace(profile, base_bytes=max(profile.base_bytes, rss() - holding),
                                stages=tuple(packed_only(s) for s in profile.stages))
 
 
@@ -104,6 +108,7 @@ class InferenceSession:
         self._pass_plan = self._as_the_app_asks(plan_override) if plan_override else None  # made on first use: a session used only to generate never needs it
         self._plan_override = plan_override
         self.last_generation_plan: Plan | None = None  # what the latest generation ran with (CLI stats)
+        self._generation_plans: dict[Workload, Plan] = {}
         self.tracer = tracer
         self._resident = Resident(templates, log_severity=log_severity_of(sess_options))
         self._one_run_at_a_time = threading.Lock()  # passes share the resident stages and templates
@@ -119,7 +124,7 @@ class InferenceSession:
         if self._pass_plan is None:
             profile = model_profile(self._root, self.manifest, self._resident.templates, feed)
             templates = self._resident.templates
-            chosen = plan(in_this_process(profile, templates), self.budget)
+            chosen = plan(in_this_process(profile, templates, self._resident.names(self.manifest)), self.budget)
             self._pass_plan = self._as_the_app_asks(quantized_prepacked(chosen, templates))
         return self._pass_plan
 
@@ -165,10 +170,13 @@ class InferenceSession:
         """The plan for decoding `work` within this session's budget (see decode_plan.py)."""
         if self._plan_override is not None:
             return self._as_the_app_asks(self._plan_override)
-        templates = self._resident.templates
-        profile = in_this_process(decode_profile(self._root, self.manifest, templates, work.batch), templates)
-        self.last_generation_plan = self._as_the_app_asks(quantized_prepacked(plan_generation(
-            profile, CacheLayout.of(self.manifest), self.manifest, work, self.budget), templates))
+        if work not in self._generation_plans:  # one plan per workload: the same generation loads the same way
+            templates, held = self._resident.templates, self._resident.names(self.manifest)
+            profile = in_this_process(decode_profile(self._root, self.manifest, templates, work.batch), templates,
+                                      held)
+            self._generation_plans[work] = self._as_the_app_asks(quantized_prepacked(plan_generation(
+                profile, CacheLayout.of(self.manifest), self.manifest, work, self.budget), templates))
+        self.last_generation_plan = self._generation_plans[work]
         return self.last_generation_plan
 
     @contextlib.contextmanager

@@ -249,3 +249,30 @@ def test_a_run_inside_an_open_stream_says_so_instead_of_hanging(gpt2):
             session.run(None, synthetic_feed(session.manifest, {"sequence": 3}))
         tokens.close()
         assert session.run(["logits"], synthetic_feed(session.manifest, {"sequence": 3}))[0].shape[1] == 3
+
+
+def test_a_session_plans_each_workload_once_and_does_not_count_its_own_resident_stages(gpt2, monkeypatch):
+    """The process's RSS is the plan's base, but the stages this session already holds are in that RSS:
+    counting them again made gpt2-medium at 25% swing between 1 and 4 resident stages from one generation to
+    the next (80 <-> 228 MiB)."""
+    import dataclasses
+
+    from hermes_ort import session as session_module
+    from hermes_ort.generation.decode_plan import Workload
+    from hermes_ort.planning.profiles import Profile, StageCost, StageProfile
+
+    session = hermes_ort.InferenceSession(gpt2, memory_budget="1GiB")
+    work = Workload(1, 4, 12)
+    first = session.generation_plan(work)
+    monkeypatch.setattr(session_module, "rss", lambda: 10 * 2**30)  # whatever the process holds later
+    assert session.generation_plan(work) is first  # the same generation loads the same way every time
+    cost = lambda size: StageCost(0.0, 0.0, 0.0, size)
+    profile = Profile(base_bytes=2**20, transient_bytes=0, cores=2, compute_threads=1, disk_bytes_per_s=1e9,
+                      feed={}, stages=tuple(StageProfile(n, 0, cost(100 * 2**20), cost(300 * 2**20))
+                                            for n in ("embeddings", "block_00", "block_01")))
+    monkeypatch.setattr(session_module, "rss", lambda: 250 * 2**20)
+    templates = session._resident.templates
+    held = session_module.in_this_process(profile, templates, ("block_00", "block_01"))
+    assert held.base_bytes == 50 * 2**20  # 250 MiB less the 2 x 100 MiB its resident stages take at least
+    assert session_module.in_this_process(profile, templates).base_bytes == 250 * 2**20
+    assert dataclasses.replace(held, base_bytes=0).stages == profile.stages

@@ -39,6 +39,9 @@ class Resident:
     stages: dict[int, Prepared] = field(default_factory=dict)
     log_severity: int = 3  # of every ORT session this InferenceSession creates
 
+    def names(self, manifest: Manifest) -> tuple[str, ...]:
+        return tuple(manifest.stages[i].name for i in self.stages)
+
     def keep_only(self, names: set[str], manifest: Manifest) -> None:
         """Drops resident stages a new plan streams, so they do not count beside its window."""
         for i in [i for i in self.stages if manifest.stages[i].name not in names]:
