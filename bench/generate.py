@@ -29,6 +29,7 @@ from hermes_ort.planning.planner import Plan
 from hermes_ort.planning.report import table
 from hermes_ort.format.manifest import weights_note
 
+from . import results
 from .machine import describe
 from .strategies import prepare_whole
 
@@ -152,61 +153,84 @@ def run_worker(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens: int) -> list[list[str]]:
+def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens: int, bar) -> tuple[list[dict], float]:
     manifest = manifest_io.load(directory)
     prepare_whole(directory, manifest)
     bandwidth = page_cache_bandwidth(directory, manifest)
-    rows = []
+    records = []
     for batch in batches:
         common = ["--batch", str(batch), "--tokens", str(tokens)]
         whole = run_worker(str(directory), "--worker", "whole", "--budget", "0", *common)
-        runs = [(f"hermes {b}", b, run_worker(str(directory), "--worker", "hermes", "--budget", b, *common))
-                for b in budgets]
-        runs.append(("stream-everything", "", run_worker(str(directory), "--worker", "stream-everything",
-                                                         "--budget", "0", *common)))
+        runs = [("whole-model ORT", None, whole)]
+        runs += [("hermes", b, run_worker(str(directory), "--worker", "hermes", "--budget", b, *common))
+                 for b in budgets]
+        runs.append(("stream-everything", None, run_worker(str(directory), "--worker", "stream-everything",
+                                                           "--budget", "0", *common)))
         if batch == 1 and gguf_source(manifest) is not None:
-            runs.append(("llama.cpp (same GGUF)", "", run_worker(str(directory), "--worker", "llama.cpp",
-                                                                "--budget", "0", *common)))
-        rows.append(row(directory.name, batch, "whole-model ORT", None, whole, whole, None, manifest))
+            runs.append(("llama.cpp (same GGUF)", None, run_worker(str(directory), "--worker", "llama.cpp",
+                                                                  "--budget", "0", *common)))
         for name, budget, r in runs:
-            floor = batch / max(whole["step_s"], r["streamed_bytes"] / bandwidth)
-            rows.append(row(directory.name, batch, name, budget, r, whole, floor, manifest))
-    print(f"# {directory.name}{weights_note(manifest)}: {format_bytes(manifest.bytes)} on disk; page cache (MAP_POPULATE) "
-          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
-    return rows
+            floor = batch / max(whole["step_s"], r["streamed_bytes"] / bandwidth) if name != "whole-model ORT" else None
+            records.append(record(directory.name, manifest, batch, name, budget, r, whole, floor))
+        bar.update()
+    print(f"# {directory.name}{weights_note(manifest)}: {format_bytes(manifest.bytes)} on disk; page cache "
+          f"(MAP_POPULATE) {bandwidth / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
+    return records, bandwidth
 
 
-def row(model, batch, name, budget, r, whole, floor, manifest) -> list[str]:
+def record(model, manifest, batch, strategy, budget, r, whole, floor) -> dict:
     limit = parse_budget(budget, manifest.bytes) if budget else None
-    same = np.array_equal(np.array(r["tokens"]), np.array(whole["tokens"]))
-    return [model, str(batch), name, format_bytes(limit) if limit else "-", f"{r['first_s']:.2f}",
-            f"{r['rate']:.1f}", f"{r['rate'] / whole['rate']:.2f}x", f"{r['rate'] / floor:.2f}x" if floor else "-",
-            format_bytes(r["peak"]), ("yes" if r["peak"] <= limit else "NO") if limit else "-",
-            "yes" if same else "no"]
+    return {"model": model, "precision": manifest.extra.get("precision", "fp32"), "random_weights": bool(
+        weights_note(manifest)), "bytes": manifest.bytes, "batch": batch, "strategy": strategy, "budget": budget,
+        "budget_bytes": limit, "first_s": r["first_s"], "tokens_per_s": r["rate"], "step_s": r["step_s"],
+        "peak_rss": r["peak"], "streamed_bytes": r["streamed_bytes"], "vs_whole": r["rate"] / whole["rate"],
+        "floor_tokens_per_s": floor, "vs_floor": r["rate"] / floor if floor else None,
+        "in_budget": r["peak"] <= limit if limit else None,
+        "same_tokens": bool(np.array_equal(np.array(r["tokens"]), np.array(whole["tokens"])))}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def decode_table(records: list[dict]) -> results.Table:
+    rows = [[r["model"], str(r["batch"]), f"hermes {r['budget']}" if r["budget"] else r["strategy"],
+             format_bytes(r["budget_bytes"]) if r["budget_bytes"] else "-", f"{r['first_s']:.2f}",
+             f"{r['tokens_per_s']:.1f}", f"{r['vs_whole']:.2f}x", f"{r['vs_floor']:.2f}x" if r["vs_floor"] else "-",
+             format_bytes(r["peak_rss"]), {True: "yes", False: "NO", None: "-"}[r["in_budget"]],
+             "yes" if r["same_tokens"] else "no"] for r in records]
+    return results.Table("greedy decoding: tokens/s counts every row after the first token; first token includes "
+                         "creating the session", ["model", "batch", "strategy", "budget", "first token s",
+                                                  "tokens/s", "vs whole", "vs floor", "peak RSS", "in budget",
+                                                  "same tokens"], rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dirs", nargs="+", type=Path)
     p.add_argument("--budgets", default="100%,50%,25%", help="comma-separated sizes or shares of the model's bytes")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per row")
+    p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>-<host>)")
     p.add_argument("--worker", choices=["whole", "hermes", "stream-everything", "llama.cpp"], help=argparse.SUPPRESS)
     p.add_argument("--budget", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         directory = args.model_dirs[0]
         budget = parse_budget(args.budget, manifest_io.load(directory).bytes) if args.budget != "0" else None
         print(json.dumps(worker(args.worker, directory, budget, args.batch, args.tokens)))
         return
-    rows = []
-    for directory in args.model_dirs:
-        rows += bench_model(directory, args.budgets.split(","), [int(b) for b in args.batches.split(",")], args.tokens)
-    print(f"greedy decoding, prompt {PROMPT} tokens, {args.tokens} new per row, warm page cache; {describe()}; "
-          "tokens/s counts every row after the first token; first token includes creating the session")
-    print(table(["model", "batch", "strategy", "budget", "first token s", "tokens/s", "vs whole", "vs floor",
-                 "peak RSS", "in budget", "same tokens"], rows))
+    records, bandwidths = [], {}
+    batches = [int(b) for b in args.batches.split(",")]
+    with results.progress(len(args.model_dirs) * len(batches)) as bar:
+        for directory in args.model_dirs:
+            found, bandwidths[directory.name] = bench_model(directory, args.budgets.split(","), batches,
+                                                            args.tokens, bar)
+            records += found
+    decoded = decode_table(records)
+    print(f"greedy decoding, prompt {PROMPT} tokens, {args.tokens} new per row, warm page cache; {describe()}")
+    print(table(decoded.header, decoded.rows))
+    facts = results.machine() | {"page_cache_bytes_per_s": bandwidths}
+    written = results.save("generate", results.results_dir(args.out), records, [decoded], facts)
+    print(f"\nkept: {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe() -> str:
-    flags = ""
+def cpu_flags() -> str:
+    """The flags ORT's kernels choose between (AVX2/FMA, AVX-512, VNNI for int8), or 'flags unknown'."""
     try:
         with open("/proc/cpuinfo") as f:
             found = next(line for line in f if line.startswith("flags")).split()
-        flags = " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if x in found)
+        return " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "i8mm")
+                        if x in found) or "flags unknown"
     except (OSError, StopIteration):
-        pass
-    return f"{cpu_name()} ({os.cpu_count()} cores; {flags or 'flags unknown'}), onnxruntime {onnxruntime.__version__}"
+        return "flags unknown"
+
+
+def describe() -> str:
+    return f"{cpu_name()} ({os.cpu_count()} cores; {cpu_flags()}), onnxruntime {onnxruntime.__version__}"

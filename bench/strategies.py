@@ -7,6 +7,7 @@ hermes      the planner's plan for the budget
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -51,8 +52,15 @@ def pipeswitch(directory: Path, manifest: Manifest, feed: dict, budget: int) -> 
     return _timed(directory, feed, dict(plan_override=keep_all))
 
 
-def hermes(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple[dict, float, float]:
-    return _timed(directory, feed, dict(memory_budget=budget))
+def hermes(directory: Path, manifest: Manifest, feed: dict, budget: int, loaders: int = 0) -> tuple[dict, float, float]:
+    """The planner's plan for the budget; with `loaders`, that plan with this many loading agents (and a
+    window at least as wide): the paper's sweep."""
+    if not loaders:
+        return _timed(directory, feed, dict(memory_budget=budget))
+    with InferenceSession(directory, memory_budget=budget) as planning:
+        chosen = planning.plan
+    swept = dataclasses.replace(chosen, loaders=loaders, window=max(chosen.window, loaders))
+    return _timed(directory, feed, dict(memory_budget=budget, plan_override=swept))
 
 
 def _timed(directory: Path, feed: dict, options: dict) -> tuple[dict, float, float]:

@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--cold", action="store_true")
     p.add_argument("--sequence", type=int, default=128)
     p.add_argument("--save", type=Path)
+    p.add_argument("--loaders", type=int, default=0, help="hermes: this many loading agents instead of the plan's")
     args = p.parse_args()
     manifest = manifest_io.load(args.model_dir)
     if args.strategy == "disk":
@@ -53,7 +54,8 @@ def main() -> None:
     feed = synthetic_feed(manifest, {"sequence": args.sequence})
     if args.cold:
         evict_all(args.model_dir)
-    outputs, first, steady = STRATEGIES[args.strategy](args.model_dir, manifest, feed, args.budget)
+    options = {"loaders": args.loaders} if args.loaders else {}
+    outputs, first, steady = STRATEGIES[args.strategy](args.model_dir, manifest, feed, args.budget, **options)
     if args.save:
         np.savez(args.save, **outputs)
     print(json.dumps({"first_s": first, "steady_s": steady, "peak_rss": peak_rss()}))

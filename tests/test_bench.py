@@ -1,4 +1,5 @@
 """The benchmark programs behind the README's tables run end to end on tiny models (no timing asserted)."""
+import json
 import shutil
 import subprocess
 import sys
@@ -17,23 +18,48 @@ def rows(text, first_cell):
     return [line.split() for line in text.splitlines() if line.split()[:1] == [first_cell]]
 
 
-def test_bench_run_prints_every_strategy_cold_and_warm(exported, tmp_path):
-    model = tmp_path / "tiny-gpt2"
-    shutil.copytree(exported("tiny-gpt2").directory, model)
-    table = rows(bench("bench.run", model, "--budget", "2GiB", "--sequence", "8"), "tiny-gpt2")
-    assert {(r[1], r[2]) for r in table} == {(s, m) for s in ("whole", "sequential", "pipeswitch", "hermes")
-                                             for m in ("cold", "warm")}
-    assert all(float(r[-1]) <= 1e-5 for r in table)  # every strategy gives the same outputs
-    assert all(r[-2] == "yes" for r in table if r[1] == "hermes")
+def test_bench_run_quick_keeps_every_figure_tables_plots_and_a_trace(tmp_path):
+    """`python -m bench.run --quick`: tiny models exported on the spot, every strategy cold and warm, two
+    budgets and the loading-agent sweep, kept as JSON, Markdown, plots and a trace (no timing asserted)."""
+    import onnxruntime
+
+    out = bench("bench.run", "--quick", "--out", tmp_path)
+    doc = json.loads((tmp_path / "run.json").read_text())
+    models = {"tiny-bert", "tiny-gpt2", "tiny-vit"}
+    assert doc["kind"] == "run" and doc["command"][-3:] == ["--quick", "--out", str(tmp_path)]
+    assert doc["machine"]["cpu"] and doc["machine"]["cores"] >= 1 and doc["machine"]["memory_bytes"] > 0
+    assert set(doc["machine"]["disk_bytes_per_s"]) == models and doc["versions"]["onnxruntime"] == onnxruntime.__version__
+    records = doc["records"]
+    assert {(r["model"], r["strategy"], r["mode"]) for r in records} == {
+        (m, s, mode) for m in models for s in ("whole", "sequential", "pipeswitch", "hermes") for mode in ("cold", "warm")}
+    assert {(r["model"], r["budget"], r["mode"]) for r in records if r["strategy"] == "hermes" and not r["loaders"]} == {
+        (m, b, mode) for m in models for b in ("512MiB", "1GiB") for mode in ("cold", "warm")}
+    assert sorted((r["model"], r["loaders"]) for r in records if r["loaders"]) == sorted(
+        (m, n) for m in models for n in (1, 2))
+    assert all(r["max_diff"] <= 1e-5 for r in records)  # every strategy gives the same outputs
+    assert all(r["in_budget"] for r in records if r["strategy"] == "hermes")
+    assert all(r["first_s"] > 0 and r["peak_rss"] > 0 and r["vs_floor"] > 0 for r in records)
+    markdown = (tmp_path / "run.md").read_text()
+    assert "the paper's comparison" in markdown and "4.24x / 86.7%" in markdown and "2.58x / 90.3%" in markdown
+    for name in ("latency-vs-budget.png", "peak-rss-vs-budget.png", "latency-vs-loaders.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    spans = {e.get("cat") for e in json.loads((tmp_path / "trace-tiny-bert.json").read_text())["traceEvents"]}
+    assert {"load", "run"} <= spans
+    assert "kept: " in out
 
 
 def test_bench_generate_prints_every_strategy_per_batch(exported, tmp_path):
     model = tmp_path / "tiny-gpt2"
     shutil.copytree(exported("tiny-gpt2").directory, model)
-    out = bench("bench.generate", model, "--budgets", "1GiB,2GiB", "--batches", "1,2", "--tokens", "4")
+    out = bench("bench.generate", model, "--budgets", "1GiB,2GiB", "--batches", "1,2", "--tokens", "4", "--out",
+                tmp_path / "results")
     table = rows(out, "tiny-gpt2")
     strategies = {(r[1], " ".join(r[2:4]) if r[2] == "hermes" else r[2]) for r in table}
     assert strategies == {(b, s) for b in ("1", "2") for s in ("whole-model", "hermes 1GiB", "hermes 2GiB",
                                                                "stream-everything")}
     assert all(r[-1] == "yes" for r in table)  # every strategy decodes the whole model's tokens
     assert all(r[-2] == "yes" for r in table if r[2] == "hermes")  # within the budget
+    doc = json.loads((tmp_path / "results" / "generate.json").read_text())
+    assert len(doc["records"]) == len(table) and all(r["same_tokens"] for r in doc["records"])
+    assert {r["precision"] for r in doc["records"]} == {"fp32"} and doc["machine"]["page_cache_bytes_per_s"]
+    assert (tmp_path / "results" / "decode-vs-budget.png").read_bytes()[:4] == b"\x89PNG"
