@@ -145,9 +145,13 @@ def page_cache_bandwidth(directory: Path, manifest) -> float:
     return best
 
 
-def run_worker(*args: str) -> dict:
+def run_worker(*args: str) -> dict | None:
+    """The worker's figures; None when the budget is below the model's feasible minimum (said on stderr)."""
     cmd = [sys.executable, "-m", "bench.generate", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if out.returncode != 0 and "below the smallest feasible plan" in out.stderr:
+        print(f"bench: skipped {' '.join(args)}: {out.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+        return None
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -169,7 +173,7 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
         if batch == 1 and gguf_source(manifest) is not None:
             runs.append(("llama.cpp (same GGUF)", None, run_worker(str(directory), "--worker", "llama.cpp",
                                                                   "--budget", "0", *common)))
-        for name, budget, r in runs:
+        for name, budget, r in [run for run in runs if run[2] is not None]:
             floor = batch / max(whole["step_s"], r["streamed_bytes"] / bandwidth) if name != "whole-model ORT" else None
             records.append(record(directory.name, manifest, batch, name, budget, r, whole, floor))
         bar.update()
