@@ -217,3 +217,30 @@ def test_a_damaged_model_directory_is_one_line_naming_file_and_problem(model_dir
     assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and "Traceback" not in err, err
     assert re.search(message, errors[0]), err
     assert "/proc/self" not in err  # the directory as the user named it
+
+
+def test_a_file_found_intact_is_not_hashed_again_this_boot_unless_rewritten(model_dir, tmp_path, monkeypatch):
+    from hermes_ort.format import integrity
+
+    hashed = []
+    real = integrity.sha256_of
+    monkeypatch.setattr(integrity, "sha256_of", lambda path, chunk: hashed.append(path.name) or real(path, chunk))
+    stamps = integrity.BootStamps(tmp_path / "stamps")
+    stage = manifest_io.load(model_dir).stage("block_01")
+    integrity.FirstLoadCheck(model_dir, stamps).stage(stage)
+    assert sorted(hashed) == ["block_01.data", "block_01.onnx"]
+    integrity.FirstLoadCheck(model_dir, stamps).stage(stage)  # another session, same boot: no hashing
+    assert len(hashed) == 2
+    data = model_dir / "block_01.data"
+    flipped = bytearray(data.read_bytes())
+    flipped[9] ^= 0x04
+    data.write_bytes(bytes(flipped))  # rewritten: a new mtime, so hashed again, and found out
+    with pytest.raises(StageError, match="block_01.data does not match its sha256"):
+        integrity.FirstLoadCheck(model_dir, stamps).stage(stage)
+    assert hashed[-1] == "block_01.data"
+    other_boot = integrity.BootStamps(tmp_path / "stamps")
+    other_boot.boot = "another"
+    flipped[9] ^= 0x04
+    data.write_bytes(bytes(flipped))
+    integrity.FirstLoadCheck(model_dir, other_boot).stage(stage)
+    assert sorted(hashed[-2:]) == ["block_01.data", "block_01.onnx"]  # the graph too: stamps are per boot
