@@ -28,6 +28,7 @@ def versions(exported, tmp_path):
     """(model, new): a copy of tiny-gpt2, and a second version of it whose block_01 weights differ."""
     model, new = tmp_path / "models" / "tiny", tmp_path / "new"
     shutil.copytree(exported("tiny-gpt2").directory, model)
+    (model / "NOTES.txt").write_text("deployed by hand")  # a file no manifest lists: linked when unchanged too
     shutil.copytree(model, new)
     data = new / "block_01.data"
     data.write_bytes((np.fromfile(data, np.float32) * 0.5).tobytes())

@@ -51,9 +51,7 @@ def fill(new_version: Path, target: Path, source: Path, old: Manifest, new: Mani
     names = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
     for name in [n for n in names if n != MANIFEST_NAME] + [MANIFEST_NAME]:
         (new_version / name).parent.mkdir(parents=True, exist_ok=True)
-        sha = new_sha.get(name)
-        if sha is not None and old_sha.get(name) == sha and (target / name).is_file() and (
-                sha256_of(target / name) == sha):  # also true on disk: a rotten old copy is replaced
+        if unchanged(name, target, source, old_sha, new_sha):
             os.link(target / name, new_version / name)
             linked.append(name)
             continue
@@ -64,6 +62,15 @@ def fill(new_version: Path, target: Path, source: Path, old: Manifest, new: Mani
         size += (new_version / name).stat().st_size
     sync_directory(new_version)
     return tuple(copied), tuple(linked), size
+
+
+def unchanged(name: str, target: Path, source: Path, old_sha: dict, new_sha: dict) -> bool:
+    """The old version's file has the bytes the new one needs: the same sha256 in both manifests (or, for a
+    file no manifest lists, in both directories), checked on disk, so that a rotten old copy is replaced."""
+    if name == MANIFEST_NAME or not (target / name).is_file():
+        return False
+    sha = new_sha.get(name) or sha256_of(source / name)
+    return old_sha.get(name, sha) == sha and sha256_of(target / name) == sha
 
 
 def files_of(manifest: Manifest):
