@@ -47,8 +47,10 @@ def machine(disk_bytes_per_s: dict[str, float] | None = None) -> dict:
 
 
 def versions() -> dict[str, str]:
-    found = {}
-    for name in PACKAGES:
+    import hermes_ort
+
+    found = {"hermes-ort": hermes_ort.__version__}  # an editable install's metadata can be older than the code
+    for name in PACKAGES[1:]:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
