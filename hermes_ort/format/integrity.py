@@ -4,13 +4,14 @@
 board's storage does rot (SD cards, interrupted copies), so every file is hashed by the loading agent that
 first needs it (reading it also brings it into the page cache, which that load needs anyway). Hashing costs
 ~0.8 ms per MB here, a second for BERT-large in every fresh process, so a file found intact is stamped for
-the rest of the boot under the user cache: the stamp names the boot, the file's device, inode, size and
-mtime and the sha256 expected, so any rewrite of the file, or a reboot, has it hashed again.
+the rest of the boot in the user's runtime directory (tmpfs): the stamp names the boot, the file's device,
+inode, size and mtime and the sha256 expected, so any rewrite of the file, or a reboot, has it hashed again.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -31,12 +32,16 @@ class BootStamps:
         return self.root / f"{self.boot}-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
 
     def intact(self, path: Path, sha256: str) -> bool:
-        return self.key(path, sha256).is_file()
+        """Stamped this boot, in a directory this user owns (another user's could vouch for anything)."""
+        try:
+            return self.root.stat().st_uid == os.getuid() and self.key(path, sha256).is_file()
+        except FileNotFoundError:
+            return False
 
     def stamp(self, path: Path, sha256: str) -> None:
         try:
             if not self.root.is_dir():
-                self.root.mkdir(parents=True, exist_ok=True)
+                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
                 for old in self.root.iterdir():  # another boot's stamps mean nothing now
                     if not old.name.startswith(self.boot):
                         old.unlink(missing_ok=True)
@@ -53,9 +58,9 @@ def boot_id() -> str:
 
 
 def default_stamps() -> BootStamps:
-    from ..model_cache import cache_root
-
-    return BootStamps(cache_root() / "verified")
+    """In the user's runtime directory (tmpfs, emptied at boot), else /dev/shm, else the temp directory."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    return BootStamps(Path(runtime) / f"hermes-ort-verified-{os.getuid()}")
 
 
 class FirstLoadCheck:
