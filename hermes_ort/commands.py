@@ -116,7 +116,9 @@ def cmd_cache(args) -> None:
     from . import model_cache
 
     if args.action == "clear":
-        print(f"freed {format_bytes(model_cache.clear())} from {model_cache.cache_root()}")
+        freed, kept = model_cache.clear()
+        busy = f"; kept {kept} entries that open sessions still read" if kept else ""
+        print(f"freed {format_bytes(freed)} from {model_cache.cache_root()}{busy}")
         return
     found = model_cache.entries()
     print(f"{model_cache.cache_root()}: {len(found)} models split from .onnx files")

@@ -21,6 +21,7 @@ from typing import Iterator
 from .format import manifest as manifest_io
 from .errors import ManifestError
 from .format.manifest import VERSION, sha256_of
+from .format.pinned import remove_if_unused
 from .graphs.split import split_model
 
 CACHE_ENV = "HERMES_ORT_CACHE"
@@ -106,8 +107,8 @@ def build(source: Path | bytes, entry: Path, key: str, root: Path) -> None:
         split_model(source, entry)
         name = str(source)
         for old in entries(root):
-            if old.source == name and old.key != key:
-                shutil.rmtree(old.directory, ignore_errors=True)
+            if old.source == name and old.key != key:  # the file's earlier version, unless a session reads it
+                remove_if_unused(old.directory)
     (entry / MARKER).write_text(json.dumps({"key": key, "version": VERSION, "source": name}))
 
 
@@ -120,15 +121,23 @@ def entries(root: Path | None = None) -> list[Entry]:
     return found
 
 
-def clear(root: Path | None = None) -> int:
-    """Removes every entry (and leftovers of interrupted builds); returns the bytes freed."""
+def clear(root: Path | None = None) -> tuple[int, int]:
+    """Removes every entry no open session reads (and leftovers of interrupted builds); returns the bytes
+    freed and how many entries were kept because a session still reads them."""
     root = root or cache_root()
     if not root.is_dir():
-        return 0
-    freed = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return 0, 0
+    freed, kept = 0, 0
     for child in root.iterdir():
-        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-    return freed
+        size = sum(p.stat().st_size for p in child.rglob("*") if p.is_file()) if child.is_dir() else (
+            child.stat().st_size)
+        if child.is_dir() and not remove_if_unused(child):
+            kept += 1
+            continue
+        if not child.is_dir():
+            child.unlink(missing_ok=True)
+        freed += size
+    return freed, kept
 
 
 @contextlib.contextmanager

@@ -158,6 +158,12 @@ def test_hermes_cache_ls_and_clear(tmp_path, cache, capsys):
     assert str((tmp_path / "mlp.onnx").resolve()) in capsys.readouterr().out
     assert main(["cache", "clear"]) == 0
     assert "freed" in capsys.readouterr().out and model_cache.entries(cache) == []
+    session = hermes_ort.InferenceSession(str(tmp_path / "mlp.onnx"), memory_budget=roomy())
+    assert main(["cache", "clear"]) == 0  # the entry an open session reads stays, and it still runs
+    assert "kept 1 entries that open sessions still read" in capsys.readouterr().out
+    assert len(model_cache.entries(cache)) == 1 and session.run(None, {"x": np.ones((1, WIDTH), np.float32)})
+    session.close()
+    assert main(["cache", "clear"]) == 0 and model_cache.entries(cache) == []
 
 
 def test_session_options_reach_every_stage_session_and_modelmeta_answers(tmp_path, cache, monkeypatch):
