@@ -105,7 +105,8 @@ class InferenceSession:
         except BaseException as e:
             self._pin.close()
             raise self._pin.readable(e) if isinstance(e, HermesError) else e
-        self._pass_plan = self._as_the_app_asks(plan_override) if plan_override else None  # made on first use: a session used only to generate never needs it
+        # the pass plan is made on first use: a session used only to generate never needs it
+        self._pass_plan = self._as_the_app_asks(plan_override) if plan_override else None
         self._plan_override = plan_override
         self.last_generation_plan: Plan | None = None  # what the latest generation ran with (CLI stats)
         self._generation_plans: dict[Workload, Plan] = {}

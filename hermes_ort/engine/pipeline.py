@@ -183,8 +183,8 @@ class Pipeline:
             stage = self.manifest.stages[i]
             try:
                 with self.tracer.span(f"load {stage.name}", "load"):
-                    prepared = loading.prepare(self.directory, stage, stage_config(self.plan, stage, self.resident.log_severity),
-                                               self.resident.templates)
+                    config = stage_config(self.plan, stage, self.resident.log_severity)
+                    prepared = loading.prepare(self.directory, stage, config, self.resident.templates)
             except BaseException as e:  # reaches the caller through _prepared_for, named by stage
                 with self.cond:
                     self.error = e if isinstance(e, HermesError) else StageError(

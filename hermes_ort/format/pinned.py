@@ -22,13 +22,13 @@ class PinnedDirectory:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        for _ in range(3):  # an update may swap the directory between our open and our lock: open again
+        for attempt in range(3):  # an update may swap the directory between our open and our lock: again
             try:
                 self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
             except (FileNotFoundError, NotADirectoryError) as e:
                 raise ManifestError(f"{self.path} is not a model directory: {e.strerror}") from e
             lock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held exclusively only by its builder (a self-check),
-            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:  # which keeps it from removal anyway
+            if attempt == 2 or os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:  # which keeps it anyway
                 break
             os.close(self.fd)
         proc = Path(f"/proc/self/fd/{self.fd}")
