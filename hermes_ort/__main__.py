@@ -155,6 +155,9 @@ def add_quantize(sub) -> None:
     q.add_argument("--accuracy-level", type=int, choices=[0, 4], default=0,
                    help="MatMulNBits arithmetic: 0 float32 (default), 4 int8 activations (fast 8-bit kernels)")
     q.add_argument("--head-bits", type=int, choices=[8, 4], default=8, help="bits of the LM head (default 8)")
+    q.add_argument("--scheme", choices=["minmax", "symmetric"], default="minmax",
+                   help="codes of the blocks' matrices: minmax (each block's own range, minimums added back; "
+                   "default) or symmetric (no minimums); heads are always symmetric")
     q.set_defaults(func=cmd_quantize)
 
 

@@ -102,11 +102,11 @@ def cmd_convert(args) -> None:
 def cmd_quantize(args) -> None:
     from .convert.quantize import QuantizeSettings, quantize_dir
 
-    settings = QuantizeSettings(args.bits, args.block_size, args.accuracy_level, args.head_bits)
+    settings = QuantizeSettings(args.bits, args.block_size, args.accuracy_level, args.head_bits, args.scheme)
     start = time.perf_counter()
     m = quantize_dir(args.model_dir, args.out, settings)
     print(f"quantized {args.model_dir} to int{args.bits} (head int{args.head_bits}, block {args.block_size}, "
-          f"accuracy level {args.accuracy_level}): {format_bytes(m.bytes)} -> {args.out} in "
+          f"{args.scheme} codes, accuracy level {args.accuracy_level}): {format_bytes(m.bytes)} -> {args.out} in "
           f"{time.perf_counter() - start:.1f} s")
     for output, figures in m.extra["drift"].items():
         print(f"  drift of '{output}': " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))

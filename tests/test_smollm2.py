@@ -141,21 +141,25 @@ def logits_of(directory: Path, ids: np.ndarray) -> np.ndarray:
         return session.run(["logits"], feed)[0][0]
 
 
-@pytest.mark.parametrize("bits, floor", [(8, 0.95), (4, 0.5)])
-def test_requantized_top1_agreement_on_real_text(conversions, tmp_path, bits, floor):
+@pytest.mark.parametrize("bits, scheme, floor", [(8, "minmax", 0.98), (4, "minmax", 0.98), (8, "symmetric", 0.95)])
+def test_requantized_top1_agreement_on_real_text(conversions, tmp_path, bits, scheme, floor):
     """The fp32 conversion re-quantized by hermes quantize: top-1 next-token agreement with fp32 over 320
-    positions of real text (measured 97.3% at 8 bits, 65-68% at 4; the issue asks 98% at 8 bits: not met by
-    ORT's round-to-nearest, see README). The 8-bit head parts are rows of the embeddings' table, stored once."""
+    positions of real text. The issue asks 98% at 8 bits. minmax codes give the GGUF's Q4_1 blocks and Q8_0
+    head back (measured 100% at 8 and 4 bits, logits within 2e-4 at 8); symmetric codes, ORT's own rounding
+    shape, measured 97.5% at 8 bits. The 8-bit head parts are rows of the embeddings' table, stored once."""
     from hermes_ort.convert.quantize import QuantizeSettings, quantize_dir
 
     fp32 = conversions("fp32")
-    manifest = quantize_dir(fp32, tmp_path / f"int{bits}", QuantizeSettings(bits=bits), check_drift=False)
+    out = tmp_path / f"int{bits}-{scheme}"
+    manifest = quantize_dir(fp32, out, QuantizeSettings(bits=bits, scheme=scheme), check_drift=False)
     heads = [s for s in manifest.stages if s.kind == "head"]
     assert len(heads) > 1 and all("embeddings.data" in {w.path for w in s.weights} for s in heads)
     assert sum(w.bytes for s in heads for w in s.weights if w.path != "embeddings.data") < 1 << 20
     ids = real_text_ids(fp32)
-    agreement = float(np.mean(logits_of(fp32, ids).argmax(-1) == logits_of(tmp_path / f"int{bits}", ids).argmax(-1)))
-    print(f"SmolLM2 int{bits}: top-1 agreement with fp32 over {ids.shape[1]} positions: {agreement:.3f}")
+    want, got = logits_of(fp32, ids), logits_of(out, ids)
+    agreement = float(np.mean(want.argmax(-1) == got.argmax(-1)))
+    print(f"SmolLM2 int{bits} {scheme}: top-1 agreement with fp32 over {ids.shape[1]} positions: {agreement:.3f}, "
+          f"max abs logit diff {np.max(np.abs(want - got)):.3g}")
     assert agreement >= floor
 
 

@@ -1,9 +1,11 @@
 """`hermes quantize DIR --out DIR2 --bits 8|4`: weight-only quantized stages with ORT's own quantizer and
 kernels (onnxruntime.quantization.matmul_nbits_quantizer -> MatMulNBits), stage by stage.
 
-Gemm with a constant weight is rewritten to MatMul first (the quantizer converts MatMul only). Weights are
-quantized symmetrically (no zero points), so a tied LM head's 8-bit bytes double as the embedding table of
-a GatherBlockQuantized and are stored once, as the fp32 table is. The LM head keeps 8 bits by default (a
+Gemm with a constant weight is rewritten to MatMul first (the quantizer converts MatMul only); the codes in
+the nodes it made are then chosen by `recode` (block minimums by default, see block_codes: ORT's rounding
+cost SmolLM2 2.5% of its next tokens at 8 bits). Heads are quantized symmetrically (no zero points), so a
+tied LM head's 8-bit bytes double as the embedding table of a GatherBlockQuantized and are stored once, as
+the fp32 table is. The LM head keeps 8 bits by default (a
 4-bit head hurts small models most). The directory is built beside its target, its drift against the
 source is measured on synthetic inputs and written to the manifest, then it is published.
 """
@@ -26,6 +28,7 @@ from ..format.manifest import FileSpec, Manifest, StageSpec
 from ..format.publish import building
 from ..format.stage_files import write_stage
 from ..format.weights import WeightWriter, source_reader
+from .recode import SCHEMES, matmul_weights, recode
 
 
 class QuantizeError(HermesError):
@@ -38,6 +41,7 @@ class QuantizeSettings:
     block_size: int = 32
     accuracy_level: int = 0  # MatMulNBits arithmetic: 0 float32, 4 int8 activations (fast 8-bit kernels)
     head_bits: int = 8
+    scheme: str = "minmax"  # codes of the blocks' matrices (recode.SCHEMES); heads are always symmetric
 
     def check(self) -> None:
         if self.bits not in (4, 8) or self.head_bits not in (4, 8):
@@ -46,6 +50,8 @@ class QuantizeSettings:
             raise QuantizeError(f"block size must be a power of two from 16 to 256, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise QuantizeError(f"accuracy level must be 0-4, got {self.accuracy_level}")
+        if self.scheme not in SCHEMES:
+            raise QuantizeError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
 
     @property
     def precision(self) -> str:
@@ -72,16 +78,18 @@ def load_stage(directory: Path, stage: StageSpec) -> onnx.ModelProto:
     return onnx.load(str(directory / stage.graph.path), load_external_data=True)
 
 
-def quantized(model: onnx.ModelProto, bits: int, s: QuantizeSettings) -> onnx.ModelProto:
+def quantized(model: onnx.ModelProto, bits: int, s: QuantizeSettings, scheme: str) -> onnx.ModelProto:
     """Gemm -> MatMul, then every MatMul with a constant weight -> MatMulNBits (block-wise along K)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_model import ONNXModel
 
     ONNXModel(model).replace_gemm_with_matmul()
+    weights = matmul_weights(model)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=s.block_size, is_symmetric=True,
                                      accuracy_level=s.accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
+    recode(quantizer.model.model, weights, bits, s.block_size, scheme)
     return quantizer.model.model
 
 
@@ -94,7 +102,7 @@ def quantize_dir(src: str | os.PathLike, out: str | os.PathLike, s: QuantizeSett
         raise QuantizeError(f"{src} is already quantized ({manifest.extra.get('precision', 'MatMulNBits stages')})"
                             f": quantize its fp32 source instead")
     with building(out) as tmp:
-        heads = {st.name: quantized(load_stage(src, st), s.head_bits, s) for st in manifest.stages
+        heads = {st.name: quantized(load_stage(src, st), s.head_bits, s, "symmetric") for st in manifest.stages
                  if st.kind == "head"}
         tied = tied_table(src, manifest, heads)
         stages = write_stages(src, manifest, heads, tied, s, tmp)
@@ -102,7 +110,7 @@ def quantize_dir(src: str | os.PathLike, out: str | os.PathLike, s: QuantizeSett
             raise QuantizeError(f"{src}: no MatMul or Gemm with a constant weight to quantize")
         files = copy_files(src, manifest, tmp)
         extra = {**manifest.extra, "precision": s.precision, "bits": s.bits, "head_bits": s.head_bits,
-                 "block_size": s.block_size, "accuracy_level": s.accuracy_level, "quantized_from": str(src)}
+                 "block_size": s.block_size, "scheme": s.scheme, "accuracy_level": s.accuracy_level, "quantized_from": str(src)}
         result = dataclasses.replace(manifest, stages=tuple(stages), files=files, extra=extra)
         manifest_io.save(result, tmp)
         if check_drift:
@@ -124,7 +132,7 @@ def write_stages(src: Path, manifest: Manifest, heads: dict, tied: TiedTable | N
             if tied is not None:
                 model = with_quantized_table(model, tied, s.block_size)
         else:
-            model = quantized(load_stage(src, st), s.bits, s)
+            model = quantized(load_stage(src, st), s.bits, s, s.scheme)
         specs.append(write_stage(model, tmp, st.name, st.kind, writer, read))
         if st.kind == "embeddings" and tied is not None:
             writer.register_rows(tied.codes, tied.splits)
