@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hermes_ort.convert.block_codes import minmax_codes, symmetric_codes
+from hermes_ort.convert.block_codes import minmax_codes, nibbles, symmetric_codes
 from hermes_ort.convert.quantize import QuantizeSettings, quantized
 
 pytest.importorskip("onnx_ir", reason="onnxruntime's matmul_nbits_quantizer needs onnx-ir")
@@ -63,16 +63,31 @@ def one_matmul(w: np.ndarray, opset: int, rank: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
-@pytest.mark.parametrize("bits, scheme, opset, rank", [(8, "minmax", 17, 3), (4, "minmax", 17, 2),
-                                                       (4, "minmax", 13, 3), (8, "symmetric", 17, 3)])
-def test_ort_computes_with_the_codes_written(bits, scheme, opset, rank):
-    """The rewritten graph (MatMulNBits, zero points, the minimums' term) equals x @ the dequantized codes,
-    for either rank of input and below opset 15 (Shape without `end`)."""
+@pytest.mark.parametrize("bits, scheme, opset, rank, level", [
+    (8, "minmax", 17, 3, 0), (4, "minmax", 17, 2, 0), (4, "minmax", 13, 3, 0), (8, "symmetric", 17, 3, 0),
+    (8, "symmetric", 13, 2, 0), (8, "minmax", 17, 3, 4)])
+def test_ort_computes_with_the_codes_written(bits, scheme, opset, rank, level):
+    """The rewritten graph (MatMulNBits, the minimums' term, 8-bit as two 4-bit halves at level 0) equals
+    x @ the dequantized codes, for either rank of input and below opset 15 (Shape without `end`)."""
     rng = np.random.default_rng(bits + opset)
     w = rng.standard_normal((K, N)).astype(np.float32) + 0.5  # skewed blocks: the minimums matter
-    model = quantized(one_matmul(w, opset, rank), bits, QuantizeSettings(bits=bits), scheme)
-    assert "MatMulNBits" in {n.op_type for n in model.graph.node}
+    model = quantized(one_matmul(w, opset, rank), bits, QuantizeSettings(bits=bits, accuracy_level=level), scheme)
+    kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    widths = [next(a.i for a in n.attribute if a.name == "bits") for n in kernels]
+    assert widths == ([4, 4] if bits == 8 and level == 0 else [bits])
     x = rng.standard_normal((2, 3, K)[-rank:]).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     codes = (minmax_codes if scheme == "minmax" else symmetric_codes)(w, bits, BLOCK)
-    np.testing.assert_allclose(got, x @ codes.dequantized(), rtol=1e-4, atol=1e-4)
+    if level == 0:
+        np.testing.assert_allclose(got, x @ codes.dequantized(), rtol=1e-4, atol=1e-4)
+    else:  # int8 activations: near, not equal
+        np.testing.assert_allclose(got, x @ codes.dequantized(), rtol=0, atol=0.05 * np.abs(x @ w).max())
+
+
+def test_halves_of_q4_1_codes_are_equal():
+    """An 8-bit minmax code of a Q4_1 grid is 17 * k: its high and low halves are equal (so the weight
+    writer, which stores equal tensors once, halves an 8-bit stage converted from a Q4_1 GGUF)."""
+    codes = minmax_codes(q4_1_grid(np.random.default_rng(5)), 8, BLOCK)
+    high, low = nibbles(codes)
+    assert np.array_equal(high, low)
+    assert not np.array_equal(*nibbles(minmax_codes(np.random.default_rng(6).standard_normal((K, N)), 8, BLOCK)))

@@ -60,13 +60,17 @@ class QuantizeSettings:
 
 @dataclass(frozen=True)
 class TiedTable:
-    """A tied head's quantized rows: codes [V, E * bits / 8] and scales [V, E / block] (row order), and the
-    half-open row ranges of the head parts that hold them."""
+    """A tied head's quantized rows in row order: codes [V, E * bits / 8] (or, for an 8-bit head run as two
+    4-bit halves, high and low [V, E / 2]) then scales [V, E / block]; and the half-open row ranges of the
+    head parts that hold them."""
 
-    codes: np.ndarray
-    scales: np.ndarray
+    arrays: list[np.ndarray]
     splits: list[tuple[int, int]]
     bits: int
+
+    @property
+    def halves(self) -> bool:
+        return len(self.arrays) == 3
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
@@ -135,18 +139,19 @@ def write_stages(src: Path, manifest: Manifest, heads: dict, tied: TiedTable | N
             model = quantized(load_stage(src, st), s.bits, s, s.scheme)
         specs.append(write_stage(model, tmp, st.name, st.kind, writer, read))
         if st.kind == "embeddings" and tied is not None:
-            writer.register_rows(tied.codes, tied.splits)
-            writer.register_rows(tied.scales, tied.splits)
+            for array in tied.arrays:
+                writer.register_rows(array, tied.splits)
     return specs
 
 
-def head_weights(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray] | None:
-    """(codes [N, K/block, blob], scales [N, K/block]) of a head part's one MatMulNBits, if it has one."""
+def head_weights(model: onnx.ModelProto) -> list[np.ndarray] | None:
+    """A head part's codes [N, K/block, blob] (one MatMulNBits, or the two halves of an 8-bit one) and then
+    their scales [N, K/block]; None for any other shape of graph."""
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    if len(nodes) != 1:
+    if len(nodes) not in (1, 2) or len({n.input[2] for n in nodes}) != 1:
         return None
     inits = {t.name: t for t in model.graph.initializer}
-    return numpy_helper.to_array(inits[nodes[0].input[1]]), numpy_helper.to_array(inits[nodes[0].input[2]])
+    return [numpy_helper.to_array(inits[n.input[1]]) for n in nodes] + [numpy_helper.to_array(inits[nodes[0].input[2]])]
 
 
 def embedding_table(model: onnx.ModelProto) -> tuple[onnx.NodeProto, np.ndarray] | None:
@@ -169,9 +174,11 @@ def tied_table(src: Path, manifest: Manifest, heads: dict) -> TiedTable | None:
     splits = list(zip(rows[:-1].tolist(), rows[1:].tolist()))
     if rows[-1] != table.shape[0] or not all(same_rows(src, manifest, heads, table, splits)):
         return None
-    codes = np.concatenate([p[0] for p in parts]).reshape(table.shape[0], -1)
-    bits = 8 * codes.shape[1] // table.shape[1]
-    return TiedTable(codes, np.concatenate([p[1] for p in parts]).reshape(table.shape[0], -1), splits, bits)
+    if len({len(p) for p in parts}) != 1:
+        return None
+    arrays = [np.concatenate([p[i] for p in parts]).reshape(table.shape[0], -1) for i in range(len(parts[0]))]
+    bits = 8 if len(arrays) == 3 else 8 * arrays[0].shape[1] // table.shape[1]
+    return TiedTable(arrays, splits, bits)
 
 
 def same_rows(src: Path, manifest: Manifest, heads: dict, table: np.ndarray, splits):
@@ -184,18 +191,36 @@ def same_rows(src: Path, manifest: Manifest, heads: dict, table: np.ndarray, spl
 
 
 def with_quantized_table(model: onnx.ModelProto, tied: TiedTable, block_size: int) -> onnx.ModelProto:
-    """The embeddings' Gather over the fp32 table -> GatherBlockQuantized over the head's quantized bytes."""
+    """The embeddings' Gather over the fp32 table -> GatherBlockQuantized over the head's quantized bytes
+    (for halves: 16 * lookup(high) + lookup(low) with zero points of 0, which is scale * (code - 128))."""
     gather, _ = embedding_table(model)
-    table_name = gather.input[0]
-    graph = model.graph
-    kept = [t for t in graph.initializer if t.name != table_name]
+    name, ids, graph = gather.input[0], gather.input[1], model.graph
+    codes, scales = tied.arrays[:-1], tied.arrays[-1]
+    kept = [t for t in graph.initializer if t.name != name]
     del graph.initializer[:]
-    graph.initializer.extend(kept + [numpy_helper.from_array(tied.codes, table_name + "_q"),
-                                     numpy_helper.from_array(tied.scales, table_name + "_scales")])
-    lookup = helper.make_node("GatherBlockQuantized", [table_name + "_q", gather.input[1], table_name + "_scales"],
-                              list(gather.output), name=gather.name or "lookup", domain="com.microsoft",
-                              bits=tied.bits, block_size=block_size, gather_axis=0, quantize_axis=1)
-    gather.CopyFrom(lookup)
+    graph.initializer.extend(kept + [numpy_helper.from_array(scales, name + "_scales")] + [
+        numpy_helper.from_array(c, f"{name}_q{i or ''}") for i, c in enumerate(codes)])
+
+    def lookup(i: int, output: str, bits: int, zero_points: str = ""):
+        inputs = [f"{name}_q{i or ''}", ids, name + "_scales"] + ([zero_points] if zero_points else [])
+        return helper.make_node("GatherBlockQuantized", inputs, [output], name=f"{gather.name or 'lookup'}{i or ''}",
+                                domain="com.microsoft", bits=bits, block_size=block_size, gather_axis=0,
+                                quantize_axis=1)
+
+    out = gather.output[0]
+    if not tied.halves:
+        gather.CopyFrom(lookup(0, out, tied.bits))
+    else:
+        zeros = np.zeros((scales.shape[0], (scales.shape[1] + 1) // 2), np.uint8)
+        graph.initializer.extend([numpy_helper.from_array(zeros, name + "_zero_points"),
+                                  numpy_helper.from_array(np.array(16, np.float32), name + "_sixteen")])
+        at = list(graph.node).index(gather)
+        steps = [lookup(0, out + "_high", 4), lookup(1, out + "_low", 4, name + "_zero_points"),
+                 helper.make_node("Mul", [out + "_high", name + "_sixteen"], [out + "_high16"], name=out + "_high16"),
+                 helper.make_node("Add", [out + "_high16", out + "_low"], [out], name=out + "_halves")]
+        graph.node.remove(gather)
+        for offset, node in enumerate(steps):
+            graph.node.insert(at + offset, node)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
