@@ -34,16 +34,22 @@ def decode_axes(args, manifest) -> dict:
 
 
 def cmd_profile(args) -> None:
+    import dataclasses
+
     from .format import manifest as manifest_io
     from .planning import profiles
     from .engine.feeds import synthetic_feed
-    from .planning.profiler import profile_model
+    from .planning.profiler import prefill_bytes, profile_model
     from .generation.decode_plan import decode_profile_name
     from .planning.report import profile_table
 
     manifest = manifest_io.load(args.model_dir)
     sizes = decode_axes(args, manifest) if args.decode else axes(args)
     profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, sizes), sizes, args.threads)
+    if args.decode:
+        prompt = {"batch": args.batch, "sequence": args.prompt, "past_sequence": 0}
+        held = prefill_bytes(Path(args.model_dir), manifest, synthetic_feed(manifest, prompt), args.threads)
+        profile = dataclasses.replace(profile, prefill_bytes=held, prefill_sequence=args.prompt)
     print(profile_table(profile))
     name = decode_profile_name(args.batch) if args.decode else profiles.PROFILE_NAME
     saved = profiles.save(profile, args.model_dir, name)
@@ -221,6 +227,7 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--decode", action="store_true", help="profile a one-token decoding step of --batch rows at "
                       "--max-length (default: the model's positions, at most 1024) into profile-decode[-bN].json")
     prof.add_argument("--max-length", type=int, help="context of the profiled decoding step")
+    prof.add_argument("--prompt", type=int, default=32, help="prompt positions of the measured prefill (with --decode)")
     prof.set_defaults(func=cmd_profile)
 
     pl = sub.add_parser("plan", help="the pipeline plan for a budget, or the table over budgets")

@@ -1,4 +1,5 @@
 """The generation plan: a one-token step's costs, the KV cache at its maximum length inside the budget."""
+import dataclasses
 import subprocess
 import sys
 
@@ -98,6 +99,7 @@ def test_cli_profiles_and_plans_decoding(gpt2, tmp_path):
     assert out.returncode == 0, out.stderr
     profile = profiles.load(directory, profiles.DECODE_PROFILE_NAME)
     assert profile.feed == {"batch": 1, "sequence": 1, "past_sequence": 47}
+    assert profile.prefill_sequence == 32 and profile.prefill_bytes > 0  # a 32-position prefill, measured
     assert not (directory / profiles.PROFILE_NAME).exists()  # the single-pass profile is another file
     plan = subprocess.run([*hermes, "plan", str(directory), "--decode", "--budget", "1GiB", "--batch", "4"],
                           capture_output=True, text=True)
@@ -106,3 +108,18 @@ def test_cli_profiles_and_plans_decoding(gpt2, tmp_path):
     low = subprocess.run([*hermes, "plan", str(directory), "--decode", "--budget", "1MiB"], capture_output=True,
                          text=True)
     assert low.returncode == 2 and "KV cache at its maximum length" in low.stderr
+
+
+def test_a_measured_prefill_is_charged_and_scaled_to_the_prompt(gpt2):
+    """The prefill's own memory (kernel workspaces beyond the stages, measured by hermes profile --decode)
+    sits inside the predicted peak, scaled up for a longer prompt than the one measured; a profile without
+    it (older files) falls back to counting activations."""
+    directory, manifest = gpt2
+    layout, plain = CacheLayout.of(manifest), step_profile(manifest)
+    measured = dataclasses.replace(plain, prefill_bytes=30 * MiB, prefill_sequence=32)
+    peak = lambda profile, prompt: plan_generation(profile, layout, manifest, Workload(1, prompt, prompt + 4),
+                                                   2000 * MiB).predicted_peak_bytes
+    cache = lambda prompt: layout.bytes(1, prompt + 4)
+    assert peak(measured, 32) - peak(plain, 32) >= 29 * MiB
+    assert (peak(measured, 64) - cache(64)) - (peak(measured, 32) - cache(32)) >= 29 * MiB  # 60 MiB at 64
+    assert peak(measured, 8) - cache(8) == peak(measured, 32) - cache(32)  # never scaled down

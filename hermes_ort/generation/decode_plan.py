@@ -75,10 +75,13 @@ def hidden_size(manifest: Manifest) -> int:
 
 
 def in_flight_bytes(profile: Profile, layout: CacheLayout, manifest: Manifest, work: Workload) -> int:
-    """Tensors beside the cache: what the profiled step held less its own cache, plus prefill activations."""
+    """Tensors beside the cache: what the profiled step held less its own cache, plus the prefill's own:
+    measured by `hermes profile --decode` (scaled up for a longer prompt), else counted as activations."""
     feed = profile.feed
     profiled_cache = layout.bytes(feed.get("batch", 1), feed.get("past_sequence", 0) + feed.get("sequence", 1))
     prefill = ACTIVATION_COPIES * work.batch * work.prompt * hidden_size(manifest) * 4
+    if profile.prefill_sequence:
+        prefill = max(prefill, int(profile.prefill_bytes * max(1.0, work.prompt / profile.prefill_sequence)))
     return max(profile.transient_bytes - profiled_cache, 0) + prefill
 
 

@@ -43,6 +43,8 @@ class Profile:
     disk_bytes_per_s: float  # cold sequential read measured alongside
     feed: dict  # axis sizes the stages ran with
     stages: tuple[StageProfile, ...]
+    prefill_bytes: int = 0  # decode profiles: what a prefill of prefill_sequence positions holds beyond the stages
+    prefill_sequence: int = 0  # (profiler.prefill_bytes); 0: not measured
 
     @classmethod
     def from_json(cls, d: dict) -> "Profile":
