@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 import pytest
 
@@ -95,6 +96,13 @@ def test_tied_head_shares_the_embedding_table(exported, quantized, tmp_path):
         feed["input_ids"] = np.random.default_rng(2).integers(0, 8192, feed["input_ids"].shape)
         a, b = fp32.run(["logits"], feed)[0], q8.run(["logits"], feed)[0]
     assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.9  # real-scale weights: 8 bits keeps the top token
+    # the lookup through the head's bytes (two 4-bit halves) is the table to within half a quantization step
+    lookups = [ort.InferenceSession(str(d / "embeddings.onnx")) for d in (src, tmp_path / "q8")]
+    stage_feed = {i.name: feed[i.name] for i in lookups[0].get_inputs()}
+    want, got = (s.run(None, stage_feed)[0] for s in lookups)
+    table = next(numpy_helper.to_array(t) for t in onnx.load(str(src / "embeddings.onnx")).graph.initializer
+                 if t.dims and t.dims[0] >= 8192)
+    assert 0 < np.max(np.abs(got - want)) <= np.abs(table).max() / 127 / 2 * 1.001
 
 
 def test_quantizing_twice_says_so_in_one_line(quantized, tmp_path, capsys):
