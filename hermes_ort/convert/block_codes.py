@@ -8,9 +8,9 @@ text. Two code families fix it, both read by ORT's own kernels:
 
 - `minmax` (matrices of blocks): code = round((w - min) / scale), scale = (max - min) / (2^bits - 1), and
   the block minimums added back by a small MatMul over the block sums of the input (as the native Q4_1 path
-  does). The kernel keeps its implied zero point (2^(bits-1)), folded into that term: explicit zero points
-  took MatMulNBits off its fast path (4.6 against 2.8 ms for a 2048 x 5632 4-bit matrix at one token). It uses every code on each block's own range, so it is never coarser
-  than symmetric rounding, and it gives a Q4_1 block back exactly at 4 and 8 bits.
+  does). The kernel keeps its implied zero point (2^(bits-1)), folded into that term, so its node is the
+  one ORT's quantizer writes (no zero-point input). It uses every code on each block's own range, so it is
+  never coarser than symmetric rounding, and it gives a Q4_1 block back exactly at 4 and 8 bits.
 - `symmetric` (heads, whose bytes double as a GatherBlockQuantized table, which has no float minimum):
   scale = max |w| / (2^(bits-1) - 1), the implied zero point of MatMulNBits; a Q8_0 row comes back exactly.
 """

@@ -114,7 +114,8 @@ def quantize_dir(src: str | os.PathLike, out: str | os.PathLike, s: QuantizeSett
             raise QuantizeError(f"{src}: no MatMul or Gemm with a constant weight to quantize")
         files = copy_files(src, manifest, tmp)
         extra = {**manifest.extra, "precision": s.precision, "bits": s.bits, "head_bits": s.head_bits,
-                 "block_size": s.block_size, "scheme": s.scheme, "accuracy_level": s.accuracy_level, "quantized_from": str(src)}
+                 "block_size": s.block_size, "scheme": s.scheme, "accuracy_level": s.accuracy_level,
+                 "quantized_from": str(src)}
         result = dataclasses.replace(manifest, stages=tuple(stages), files=files, extra=extra)
         manifest_io.save(result, tmp)
         if check_drift:
