@@ -64,10 +64,16 @@ def accuracy_level(node: onnx.NodeProto) -> int:
 
 
 def replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray | None) -> None:
-    """Set (or with None, remove) the initializer called `name`."""
-    kept = [t for t in model.graph.initializer if t.name != name]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + ([numpy_helper.from_array(array, name)] if array is not None else []))
+    """Set (or with None, remove) the initializer called `name`, touching no other (they hold the weights)."""
+    inits = model.graph.initializer
+    at = next((i for i, t in enumerate(inits) if t.name == name), None)
+    if array is None:
+        if at is not None:
+            del inits[at]
+    elif at is None:
+        inits.append(numpy_helper.from_array(array, name))
+    else:
+        inits[at].CopyFrom(numpy_helper.from_array(array, name))
 
 
 def as_halves(model: onnx.ModelProto, node: onnx.NodeProto, codes: BlockCodes, block: int) -> list:
