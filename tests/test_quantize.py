@@ -134,6 +134,20 @@ def test_bad_settings_are_refused(exported, tmp_path):
         quantize_dir(exported("tiny-bert").directory, tmp_path / "q", QuantizeSettings(block_size=512))
     with pytest.raises(QuantizeError, match="bits"):
         quantize_dir(exported("tiny-bert").directory, tmp_path / "q", QuantizeSettings(bits=3))
+    with pytest.raises(QuantizeError, match="scheme must be one of minmax, symmetric, got 'gptq'"):
+        quantize_dir(exported("tiny-bert").directory, tmp_path / "q", QuantizeSettings(scheme="gptq"))
+    assert not (tmp_path / "q").exists()
+
+
+def test_the_manifest_records_the_scheme(exported, tmp_path):
+    """--scheme symmetric through the CLI: no block-sum term in the graphs, and the manifest says which."""
+    out = tmp_path / "sym"
+    assert cli.main(["quantize", str(exported("tiny-gpt2").directory), "--out", str(out), "--bits", "4",
+                     "--scheme", "symmetric"]) == 0
+    manifest = hermes_ort.InferenceSession(out).manifest
+    assert manifest.extra["scheme"] == "symmetric"
+    block = onnx.load(str(out / manifest.stages[1].graph.path), load_external_data=False)
+    assert "ReduceSum" not in {n.op_type for n in block.graph.node}
 
 
 def test_export_bits_publishes_only_the_quantized_directory(tmp_path):
