@@ -204,6 +204,17 @@ def add_generate(sub, budget_help: str) -> None:
     gen.set_defaults(func=cmd_generate)
 
 
+def positive(text: str) -> int:
+    """An argparse type: a count of positions or rows, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hermes", description="Stream Transformer models through ONNX Runtime "
                                 "one block at a time, within a memory budget.")
@@ -227,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--decode", action="store_true", help="profile a one-token decoding step of --batch rows at "
                       "--max-length (default: the model's positions, at most 1024) into profile-decode[-bN].json")
     prof.add_argument("--max-length", type=int, help="context of the profiled decoding step")
-    prof.add_argument("--prompt", type=int, default=32, help="prompt positions of the measured prefill (with --decode)")
+    prof.add_argument("--prompt", type=positive, default=32, help="prompt positions of the measured prefill (with --decode)")
     prof.set_defaults(func=cmd_profile)
 
     pl = sub.add_parser("plan", help="the pipeline plan for a budget, or the table over budgets")
@@ -237,7 +248,7 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--decode", action="store_true", help="plan generation: a one-token step, KV cache inside "
                     "the budget, predicted tokens/s")
     pl.add_argument("--batch", type=int, default=1, help="rows decoded together (with --decode)")
-    pl.add_argument("--prompt", type=int, default=32, help="prompt positions (with --decode)")
+    pl.add_argument("--prompt", type=positive, default=32, help="prompt positions (with --decode)")
     pl.add_argument("--max-length", type=int, help="positions at the end of generation (default prompt + 256)")
     pl.set_defaults(func=cmd_plan)
 

@@ -108,6 +108,10 @@ def test_cli_profiles_and_plans_decoding(gpt2, tmp_path):
     low = subprocess.run([*hermes, "plan", str(directory), "--decode", "--budget", "1MiB"], capture_output=True,
                          text=True)
     assert low.returncode == 2 and "KV cache at its maximum length" in low.stderr
+    bad = subprocess.run([*hermes, "profile", str(directory), "--decode", "--prompt", "0"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "argument --prompt: must be a whole number of at least 1" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_a_measured_prefill_is_charged_and_scaled_to_the_prompt(gpt2):
