@@ -5,9 +5,9 @@ Gemm with a constant weight is rewritten to MatMul first (the quantizer converts
 the nodes it made are then chosen by `recode` (block minimums by default, see block_codes: ORT's rounding
 cost SmolLM2 2.5% of its next tokens at 8 bits). Heads are quantized symmetrically (no zero points), so a
 tied LM head's 8-bit bytes double as the embedding table of a GatherBlockQuantized and are stored once, as
-the fp32 table is. The LM head keeps 8 bits by default (a
-4-bit head hurts small models most). The directory is built beside its target, its drift against the
-source is measured on synthetic inputs and written to the manifest, then it is published.
+the fp32 table is. The LM head keeps 8 bits by default (a 4-bit head hurts small models most). The
+directory is built beside its target, its drift against the source is measured on synthetic inputs and
+written to the manifest, then it is published.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from ..format.manifest import FileSpec, Manifest, StageSpec
 from ..format.publish import building
 from ..format.stage_files import write_stage
 from ..format.weights import WeightWriter, source_reader
-from .recode import SCHEMES, matmul_weights, recode
+from .recode import SCHEMES, matmul_weights, recode, replace_initializer
 
 
 class QuantizeError(HermesError):
@@ -197,10 +197,9 @@ def with_quantized_table(model: onnx.ModelProto, tied: TiedTable, block_size: in
     gather, _ = embedding_table(model)
     name, ids, graph = gather.input[0], gather.input[1], model.graph
     codes, scales = tied.arrays[:-1], tied.arrays[-1]
-    kept = [t for t in graph.initializer if t.name != name]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + [numpy_helper.from_array(scales, name + "_scales")] + [
-        numpy_helper.from_array(c, f"{name}_q{i or ''}") for i, c in enumerate(codes)])
+    replace_initializer(model, name, None)
+    for array, array_name in [(scales, name + "_scales")] + [(c, f"{name}_q{i or ''}") for i, c in enumerate(codes)]:
+        replace_initializer(model, array_name, array)
 
     def lookup(i: int, output: str, bits: int, zero_points: str = ""):
         inputs = [f"{name}_q{i or ''}", ids, name + "_scales"] + ([zero_points] if zero_points else [])

@@ -71,13 +71,17 @@ def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
         plain, outputs = measure_stage(directory, stage, tensors, SessionConfig(threads, False, False), templates)
         packed, _ = measure_stage(directory, stage, tensors, SessionConfig(threads, True, False), templates)
         stages.append(StageProfile(stage.name, stage.bytes, plain, packed))
-        tensors.update(outputs)
-        tensors = {k: v for k, v in tensors.items() if last_use.get(k, -1) > i}
+        tensors = still_needed(tensors, outputs, last_use, i)
         transient = max(transient, sum(v.nbytes for v in tensors.values()))
     give_back()
     held = sum(v.nbytes for v in {id(v): v for v in (*feed.values(), *tensors.values())}.values())
     state = max(rss() - base - held, 0)  # the shared arena's high-water mark, ORT's own state
     return Profile(base, transient + state, cores, threads, disk, axes, tuple(stages))
+
+
+def still_needed(tensors: dict, outputs: dict, last_use: dict[str, int], i: int) -> dict:
+    """The tensor table after stage i ran: its outputs added, what no later stage reads dropped."""
+    return {k: v for k, v in {**tensors, **outputs}.items() if last_use.get(k, -1) > i}
 
 
 def prefill_bytes(directory: Path, manifest: Manifest, feed: dict[str, np.ndarray], compute_threads: int | None = None,
@@ -98,8 +102,7 @@ def prefill_bytes(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
             extra = max(extra, (peak_rss() if exact_peak else rss()) - before)
             prepared.close()
             del prepared
-            tensors.update(outputs)
-            tensors = {k: v for k, v in tensors.items() if last_use.get(k, -1) > i}
+            tensors = still_needed(tensors, outputs, last_use, i)
             in_flight = max(in_flight, sum(v.nbytes for v in tensors.values()))
     finally:
         templates.close()
