@@ -43,7 +43,7 @@ class WholeModel:
         self.session = ort.InferenceSession(str(directory / "whole_model.onnx"), providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, feed, decoding=False):
+    def run(self, feed, decoding=False, sink=None):  # default session.run: what a user of ORT writes
         return dict(zip(self.names, self.session.run(None, feed)))
 
 
@@ -56,7 +56,7 @@ def decode(engine, manifest, batch: int, tokens: int) -> tuple[list[float], np.n
     layout = CacheLayout.of(manifest)
     ids = prompt(batch, manifest.config.get("vocab_size", 1000))
     start, stamps, out = time.perf_counter(), [], []
-    decoder = Decoder(engine, layout, *check_prompt(ids, None, tokens, layout))
+    decoder = Decoder(engine, layout, *check_prompt(ids, None, tokens, layout), PROMPT + tokens)
     logits = decoder.prefill()
     for n in range(tokens):
         out.append(logits.argmax(-1))

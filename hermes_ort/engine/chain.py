@@ -10,11 +10,21 @@ from ..format.manifest import Manifest, StageSpec
 
 
 class Prepared(Protocol):
-    """A stage ready to run: its own session, or a shared template with its weights mapped."""
+    """A stage ready to run: its own session, or a shared template with its weights mapped. `into`: arrays
+    some outputs are to be written into, by name (the rest are allocated by ORT)."""
 
-    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
+
+
+class OutputSink(Protocol):
+    """Chooses arrays for a stage's outputs before it runs and learns what it returned (a decoder's KV
+    cache buffers, cache_buffers.py)."""
+
+    def buffers_for(self, stage: StageSpec, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def ran(self, stage: StageSpec, into: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None: ...
 
 
 PreparedFor = Callable[[int], Prepared]  # stage index -> a ready stage
@@ -23,19 +33,25 @@ PreparedFor = Callable[[int], Prepared]  # stage index -> a ready stage
 def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], prepared_for: PreparedFor,
               after_run: Callable[[int], None] = lambda i: None,
               span: Callable[[int], ContextManager] = lambda i: contextlib.nullcontext(),
-              last_use: dict[str, int] | None = None, decoding: bool = False) -> dict[str, np.ndarray]:
+              last_use: dict[str, int] | None = None, decoding: bool = False,
+              sink: OutputSink | None = None) -> dict[str, np.ndarray]:
     """Runs every stage once; returns the model outputs. Each tensor is kept once, however many stages read it.
     decoding: the chain owns `feed` (it empties it as tensors die, so a step holds one KV cache, not the
-    previous one too) and head stages see the last position only (only the next token's logits are needed)."""
+    previous one too) and head stages see the last position only (only the next token's logits are needed).
+    sink: where outputs it names are written (a decoder's KV cache buffers)."""
     tensors = feed if decoding else dict(feed)
     last_use = last_use or manifest.last_use()
     for i in range(len(manifest.stages)):
         if decoding and manifest.stages[i].kind == "head":
             last_position_only(tensors, manifest.stages[i])
         prepared = prepared_for(i)
+        into = sink.buffers_for(manifest.stages[i], tensors) if sink is not None else {}
         with span(i):
-            tensors.update(prepared.run(tensors))
-        del prepared
+            outputs = prepared.run(tensors, into) if into else prepared.run(tensors)
+        tensors.update(outputs)
+        if sink is not None:
+            sink.ran(manifest.stages[i], into, outputs)
+        del prepared, outputs
         after_run(i)
         for name in [n for n in tensors if last_use.get(n, -1) <= i]:
             del tensors[name]

@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from . import loading
-from .chain import Prepared, run_chain
+from .chain import OutputSink, Prepared, run_chain
 from ..errors import HermesError, RunTerminated, StageError
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
@@ -120,13 +120,14 @@ class Pipeline:
         if exc_type is None and self.error is not None:  # a stage failed to close after the last run
             raise self.error
 
-    def run(self, feed: Mapping[str, np.ndarray], decoding: bool = False, run_options=None) -> dict[str, np.ndarray]:
-        """The inference agent: one pass over every stage, in order, on the caller's thread (decoding: see
-        run_chain). An onnxruntime RunOptions whose `terminate` is set (from any thread) stops the pass
+    def run(self, feed: Mapping[str, np.ndarray], decoding: bool = False, run_options=None,
+            sink: OutputSink | None = None) -> dict[str, np.ndarray]:
+        """The inference agent: one pass over every stage, in order, on the caller's thread (decoding, sink:
+        see run_chain). An onnxruntime RunOptions whose `terminate` is set (from any thread) stops the pass
         before its next stage."""
         self.run_options = run_options
         return run_chain(self.manifest, feed, self._prepared_for, self._after_run, self._traced, self.last_use,
-                         decoding)
+                         decoding, sink)
 
     def _traced(self, i: int):
         return self.tracer.span(f"run {self.manifest.stages[i].name}", "run", thread="inference")

@@ -96,12 +96,31 @@ def check_session_io(stage: StageSpec, session: ort.InferenceSession) -> None:
         )
 
 
-def run_stage(stage: StageSpec, session: ort.InferenceSession,
-              tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Runs one stage on the tensors it needs; returns its outputs by name."""
+def run_stage(stage: StageSpec, session: ort.InferenceSession, tensors: Mapping[str, np.ndarray],
+              into: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Runs one stage on the tensors it needs; returns its outputs by name (those in `into` written there)."""
     names = [t.name for t in stage.outputs]
     try:
-        values = session.run(names, {t.name: tensors[t.name] for t in stage.inputs})
+        values = run_session(session, names, {t.name: tensors[t.name] for t in stage.inputs}, into or {})
     except Exception as e:  # ORT's runtime errors are pybind types without a common base
         raise StageError(f"{stage.describe()}: run failed: {e}") from e
     return dict(zip(names, values))
+
+
+def run_session(session: ort.InferenceSession, names: list[str], feed: Mapping[str, np.ndarray],
+                into: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """session.run, or with the outputs named in `into` bound to those arrays (IO binding): ORT writes
+    them there instead of allocating (see generation/cache_buffers.py for why)."""
+    if not into:
+        return session.run(names, feed)
+    binding = session.io_binding()
+    for name, value in feed.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name in names:
+        if name in into:
+            out = into[name]
+            binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+        else:
+            binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    return [into[n] if n in into else value.numpy() for n, value in zip(names, binding.get_outputs())]

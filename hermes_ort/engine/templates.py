@@ -23,7 +23,7 @@ from ..errors import StageError
 from ..format.integrity import FirstLoadCheck
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
-from .sessions import SessionConfig, run_stage, session_options
+from .sessions import SessionConfig, run_session, run_stage, session_options
 
 
 @dataclass(frozen=True)
@@ -238,10 +238,11 @@ class TemplateStage:
     def __init__(self, stage: StageSpec, form: Canonical, session: ort.InferenceSession, weights: MappedWeights):
         self.stage, self.form, self.session, self.weights = stage, form, session, weights
 
-    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         feed = {f"in_{k}": tensors[name] for k, name in enumerate(self.form.inputs)} | self.weights.arrays
+        bound = {f"out_{k}": into[name] for k, name in enumerate(self.form.outputs) if name in (into or {})}
         try:
-            values = self.session.run([f"out_{k}" for k in range(len(self.form.outputs))], feed)
+            values = run_session(self.session, [f"out_{k}" for k in range(len(self.form.outputs))], feed, bound)
         except Exception as e:  # ORT's runtime errors are pybind types without a common base
             raise StageError(f"{self.stage.describe()}: run failed: {e}") from e
         finally:
@@ -258,8 +259,8 @@ class OwnedStage:
     def __init__(self, stage: StageSpec, session: ort.InferenceSession):
         self.stage, self.session = stage, session
 
-    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_stage(self.stage, self.session, tensors)
+    def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        return run_stage(self.stage, self.session, tensors, into)
 
     def close(self) -> None:
         """Drops the session and hands its freed heap back to the OS (glibc keeps it otherwise)."""

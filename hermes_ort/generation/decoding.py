@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import InputError
 from ..engine.inputs import check_indices
 from ..format.manifest import Manifest, TensorSpec
+from .cache_buffers import CacheBuffers
 
 DECODER_INPUTS = ("input_ids", "position_ids", "attention_mask")
 
@@ -96,17 +97,21 @@ def prompt_positions(mask: np.ndarray) -> np.ndarray:
 
 
 class Engine(Protocol):
-    """A pipeline kept across passes: one call of run() is one pass over the stages."""
+    """A pipeline kept across passes: one call of run() is one pass over the stages; `sink` chooses arrays
+    for outputs (an engine may ignore it and return arrays of its own)."""
 
-    def run(self, feed: dict[str, np.ndarray], decoding: bool = False) -> dict[str, np.ndarray]: ...
+    def run(self, feed: dict[str, np.ndarray], decoding: bool = False, sink=None) -> dict[str, np.ndarray]: ...
 
 
 class Decoder:
-    """Prefill, then one token per row per step; returns each step's last-position logits [B, vocab]."""
+    """Prefill, then one token per row per step; returns each step's last-position logits [B, vocab].
+    max_length: positions at the end of the generation, so the KV cache buffers are allocated once."""
 
-    def __init__(self, engine: Engine, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray):
+    def __init__(self, engine: Engine, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray,
+                 max_length: int | None = None):
         self.engine, self.layout, self.ids, self.mask = engine, layout, ids, mask
         self.past: dict[str, np.ndarray] = {}
+        self.buffers = CacheBuffers(layout, max_length or 2 * ids.shape[1])
 
     def prefill(self) -> np.ndarray:
         return self._run({"input_ids": self.ids, "position_ids": prompt_positions(self.mask),
@@ -121,6 +126,7 @@ class Decoder:
 
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         self.past = {}  # the feed holds the only reference: the chain frees each layer's past once used
-        out = self.engine.run(feed, decoding=True)
+        self.buffers.begin(feed["attention_mask"].shape[1])
+        out = self.engine.run(feed, decoding=True, sink=self.buffers)
         self.past = {name: out[present] for name, present in self.layout.present_for.items()}
         return out["logits"][:, -1]

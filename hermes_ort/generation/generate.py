@@ -70,7 +70,7 @@ def tokens_of(model: Model, memory_budget: int | str | None, layout: CacheLayout
     with opened(model, memory_budget) as session:
         plan = session.generation_plan(Workload(ids.shape[0], ids.shape[1], ids.shape[1] + max_new_tokens))
         with session.engine(plan) as engine:
-            decoder = Decoder(engine, layout, ids, mask)
+            decoder = Decoder(engine, layout, ids, mask, ids.shape[1] + max_new_tokens)
             logits = decoder.prefill()
             choose = Chooser(choice, ids, mask, logits.shape[-1])
             for n in range(max_new_tokens):
