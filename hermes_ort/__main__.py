@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .commands import cmd_cache, cmd_convert, cmd_generate, cmd_quantize
+from .commands import cmd_cache, cmd_convert, cmd_generate, cmd_quantize, cmd_warm
 from .errors import HermesError
 from .format.manifest import weights_note
 from .engine.memory import available, format_bytes, parse_budget, peak_rss
@@ -266,6 +266,10 @@ def parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="models split on first use from .onnx files: list them or free them")
     cache.add_argument("action", choices=["ls", "clear"])
     cache.set_defaults(func=cmd_cache)
+    warm = sub.add_parser("warm", help="read a model's weight files into the page cache in huge pages, which "
+                                       "streamed stages map fastest (a copied or downloaded model is not)")
+    warm.add_argument("model_dir")
+    warm.set_defaults(func=cmd_warm)
     verify = sub.add_parser("verify", help="check every file of a model directory against its manifest (sha256)")
     verify.add_argument("model_dir")
     verify.set_defaults(func=cmd_verify)

@@ -2,7 +2,7 @@
 
 ORT maps external data instead of reading it, so creating a session alone reads nothing: the disk read
 would happen as page faults inside the first run(). readahead(2) only starts that read (it returned in
-1.5 ms for a cold 48 MB block whose read then took 33 ms). A mapping made with MAP_POPULATE returns
+1.5 ms for a cold 48 MB block whose read then took 33 ms). A populated mapping (page_cache.py) returns
 once every page is in memory, copying nothing into the process; closing it right away leaves the pages
 in the page cache, where ORT's own mapping finds them.
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 
 from ..errors import StageError
 from ..format.manifest import StageSpec
+from ..format.page_cache import bring_in
 from .sessions import SessionConfig, open_stage
 from .templates import MappedWeights, OwnedStage, Templates, TemplateStage
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-_CHUNK = 8 << 20  # read ahead 8 MiB at a time: the transient mapping adds at most that to peak RSS
 
 
 def read_ahead(path: Path, start: int = 0, length: int | None = None) -> None:
@@ -31,11 +31,7 @@ def read_ahead(path: Path, start: int = 0, length: int | None = None) -> None:
         if length <= 0:
             return
         if _POPULATE:
-            aligned = start - start % mmap.ALLOCATIONGRANULARITY
-            end = start + length
-            for chunk in range(aligned, end, _CHUNK):  # a mapping counts in RSS while it exists
-                mmap.mmap(f.fileno(), min(_CHUNK, end - chunk), flags=mmap.MAP_SHARED | _POPULATE,
-                          prot=mmap.PROT_READ, offset=chunk).close()
+            bring_in(f.fileno(), start, length)
             return
         f.seek(start)  # no MAP_POPULATE (not Linux): read through a small buffer
         buffer = bytearray(1 << 22)

@@ -3,8 +3,8 @@ as inputs from memory-mapped data files.
 
 A fresh session per block costs its creation and a slow first run (allocations, kernel state) on the
 inference agent's critical path. A template is created once; streaming a block is then only mapping its
-weights, which the loading agent does with MAP_POPULATE (the disk read and the page-table fill happen
-there, not as page faults inside run()).
+weights, which the loading agent does with every page present (page_cache.py: the disk read and the
+page-table fill happen there, not as page faults inside run()).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ..errors import StageError
 from ..format.integrity import FirstLoadCheck
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
+from ..format.page_cache import map_populated
 from .sessions import SessionConfig, run_session, run_stage, session_options
 
 
@@ -196,7 +197,7 @@ class Templates:
 
 class MappedWeights:
     """A stage's data files mapped, and numpy views of each weight in them. Files holding weights a run
-    reads in full are mapped with MAP_POPULATE (read here, not in run()); files of lookup tables only are
+    reads in full are mapped populated (read here, not in run()); files of lookup tables only are
     mapped lazily, and `release_lookups()` drops the pages a run touched.
 
     Why: a lookup faults in far more than its rows (the kernel maps whole folios around each fault: 32
@@ -209,8 +210,8 @@ class MappedWeights:
         for location in dict.fromkeys(w.location for w in weights):
             lookup_only = all(w.looked_up for w in weights if w.location == location)
             with open(directory / location, "rb") as f:
-                self.maps[location] = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | (
-                    0 if lookup_only else _POPULATE), prot=mmap.PROT_READ)
+                self.maps[location] = (mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                                       if lookup_only else map_populated(f.fileno(), 0))
             if lookup_only:
                 self.lookups.append(self.maps[location])
         self.arrays = {w.input_name: np.frombuffer(self.maps[w.location], np.uint8, w.length, w.offset).view(
@@ -229,7 +230,6 @@ class MappedWeights:
         self.lookups.clear()
 
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages fault in during the first run
 
 
 class TemplateStage:

@@ -20,6 +20,7 @@ from typing import Iterator
 
 from ..errors import HermesError
 from .manifest import MANIFEST_NAME
+from .page_cache import recache
 from .pinned import RETIRED, lock, remove_if_unused
 
 RENAME_EXCHANGE = 2
@@ -32,13 +33,16 @@ HIDDEN_KINDS = (".partial-", ".update-", RETIRED)
 def building(out: str | os.PathLike) -> Iterator[Path]:
     """Yields a hidden temporary directory; on success it replaces `out`, on any error it is removed.
 
-    A failed or interrupted build therefore leaves nothing at `out` that looks like a model.
+    A failed or interrupted build therefore leaves nothing at `out` that looks like a model. Its weight
+    files are synced and cached again in huge pages, as streaming maps them fastest (page_cache.py).
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise HermesError(f"{out} exists and is not a model directory: refusing to replace it")
     with staging(out, ".partial-") as tmp:
         yield tmp
+        for data in sorted(tmp.rglob("*.data")):  # written tensor by tensor: cached in small pages
+            recache(data)
         swap_in(tmp, out)
 
 
