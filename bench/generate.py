@@ -24,7 +24,7 @@ import onnxruntime as ort
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.generation.decoding import CacheLayout, Decoder, check_prompt
 from hermes_ort.engine.loading import read_ahead
-from hermes_ort.format.page_cache import recache
+from hermes_ort.format.page_cache import warm
 from hermes_ort.engine.memory import format_bytes, parse_budget, peak_rss
 from hermes_ort.planning.planner import Plan
 from hermes_ort.planning.report import table
@@ -161,8 +161,7 @@ def run_worker(*args: str) -> dict | None:
 def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens: int, bar) -> tuple[list[dict], float]:
     manifest = manifest_io.load(directory)
     prepare_whole(directory, manifest)
-    for path in sorted({directory / f.path for s in manifest.stages for f in s.weights}):
-        recache(path)  # the page cache as hermes leaves it (export, hermes warm): weights in huge pages
+    warm(directory, manifest)  # the page cache as hermes leaves it (export, hermes warm): huge pages
     bandwidth = page_cache_bandwidth(directory, manifest)
     records = []
     for batch in batches:

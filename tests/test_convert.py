@@ -103,6 +103,16 @@ def test_manifest_states_precision_and_the_measured_check(converted):
     hermes_ort.format.manifest.load(result.directory, deep=True)  # every file's sha256 as stated
 
 
+def test_only_the_token_table_is_kept_in_small_pages(converted):
+    """Looked up row by row, it would cost 2 MiB of RSS per row from huge pages (page_cache.py)."""
+    from hermes_ort.format.page_cache import looked_up_files
+
+    _, _, _, result = converted
+    tables = looked_up_files(result.directory, result.manifest)
+    embeddings = next(s for s in result.manifest.stages if s.kind == "embeddings")
+    assert tables == {f.path for f in embeddings.weights}
+
+
 def test_native_keeps_quantized_bytes(converted):
     cfg, precision, values, result = converted
     size = result.manifest.bytes

@@ -97,11 +97,21 @@ def test_bringing_a_file_in_maps_one_chunk_at_a_time(tmp_path, monkeypatch):
     assert sum(length for _, length in lengths) == SIZE and all(o % page_cache.HUGE_PAGE == 0 for o, _ in lengths)
 
 
-def test_hermes_warm_recaches_every_weight_file(exported, monkeypatch, capsys):
+def test_hermes_warm_recaches_every_weight_file_and_keeps_the_token_table_small(exported, monkeypatch, capsys):
     directory = exported("tiny-gpt2").directory
-    seen = []
-    monkeypatch.setattr(page_cache, "recache", seen.append)
+    seen = {}
+    monkeypatch.setattr(page_cache, "recache", lambda path, huge=True: seen.setdefault(path.name, huge))
     assert hermes(["warm", str(directory)]) == 0
-    manifest_files = {p.name for p in directory.glob("*.data")}
-    assert {p.name for p in seen} == manifest_files and len(seen) == len(manifest_files)
+    assert set(seen) == {p.name for p in directory.glob("*.data")}
+    assert seen.pop("embeddings.data") is False  # wte: looked up by the embeddings (and read by the head)
+    assert seen and all(seen.values())  # the blocks
     assert "in huge pages" in capsys.readouterr().out
+
+
+def test_a_small_recache_leaves_small_pages(tmp_path):
+    if not huge_page_cache_expected(tmp_path):
+        pytest.skip(f"no huge pages in the page cache here ({file_system_of(tmp_path)}, or THP off)")
+    path = written_tensor_by_tensor(tmp_path / "table.data")
+    recache(path)
+    recache(path, huge=False)
+    assert huge_mapped_bytes(path) == 0

@@ -20,7 +20,8 @@ from typing import Iterator
 
 from ..errors import HermesError
 from .manifest import MANIFEST_NAME
-from .page_cache import recache
+from . import manifest as manifest_io
+from .page_cache import warm
 from .pinned import RETIRED, lock, remove_if_unused
 
 RENAME_EXCHANGE = 2
@@ -41,8 +42,8 @@ def building(out: str | os.PathLike) -> Iterator[Path]:
         raise HermesError(f"{out} exists and is not a model directory: refusing to replace it")
     with staging(out, ".partial-") as tmp:
         yield tmp
-        for data in sorted(tmp.rglob("*.data")):  # written tensor by tensor: cached in small pages
-            recache(data)
+        if (tmp / MANIFEST_NAME).is_file():  # its files were written tensor by tensor: in small pages
+            warm(tmp, manifest_io.load(tmp))
         swap_in(tmp, out)
 
 
