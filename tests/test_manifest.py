@@ -223,8 +223,8 @@ def test_a_file_found_intact_is_not_hashed_again_this_boot_unless_rewritten(mode
     from hermes_ort.format import integrity
 
     hashed = []
-    real = integrity.sha256_of
-    monkeypatch.setattr(integrity, "sha256_of", lambda path, chunk: hashed.append(path.name) or real(path, chunk))
+    real = integrity.sha256_mapped
+    monkeypatch.setattr(integrity, "sha256_mapped", lambda path, huge: hashed.append(path.name) or real(path, huge))
     stamps = integrity.BootStamps(tmp_path / "stamps")
     stage = manifest_io.load(model_dir).stage("block_01")
     integrity.FirstLoadCheck(model_dir, stamps).stage(stage)

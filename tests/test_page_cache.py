@@ -48,9 +48,11 @@ def written_tensor_by_tensor(path: Path) -> Path:
 
 
 def huge_mapped_bytes(path: Path) -> int:
+    """How much of the file maps in huge pages, i.e. sits in the page cache in 2 MiB folios (the mapping
+    itself asks for none, so it brings what is not cached in small pages)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        m = map_populated(fd, 0)
+        m = map_populated(fd, 0, 0, huge=False)
         view = np.frombuffer(m, np.uint8)
         try:
             return mapped_in_huge_pages(view.ctypes.data)
@@ -87,9 +89,9 @@ def test_bringing_a_file_in_maps_one_chunk_at_a_time(tmp_path, monkeypatch):
     lengths = []
     original = page_cache.map_populated
 
-    def recording(fileno, length, offset=0):
+    def recording(fileno, length, offset=0, huge=True):
         lengths.append((offset, length))
-        return original(fileno, length, offset)
+        return original(fileno, length, offset, huge)
 
     monkeypatch.setattr(page_cache, "map_populated", recording)
     recache(path)
@@ -115,3 +117,76 @@ def test_a_small_recache_leaves_small_pages(tmp_path):
     recache(path)
     recache(path, huge=False)
     assert huge_mapped_bytes(path) == 0
+
+
+def evict_all(directory: Path) -> None:
+    for path in directory.glob("*.data"):  # a cold cache, as after a reboot
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)  # dirty pages (a fresh copy's) would stay
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def test_streaming_from_a_cold_cache_reads_the_token_table_into_small_pages(exported, tmp_path):
+    """Head parts read rows of wte ahead of use; wte is also the embeddings' lookup table, so it must come
+    back from disk in small pages (from huge ones, 16 token ids took a run 28 MiB over its budget). Both
+    readers from a cold cache: the first load's sha256 check, and (files checked this boot, then evicted)
+    the loading agents."""
+    import shutil
+
+    import hermes_ort
+    from hermes_ort.engine.feeds import synthetic_feed
+    from hermes_ort.planning.planner import Plan
+
+    directory = shutil.copytree(exported("small-gpt2").directory, tmp_path / "m")
+    if not huge_page_cache_expected(directory):
+        pytest.skip(f"no huge pages in the page cache here ({file_system_of(directory)}, or THP off)")
+    streams_everything = Plan(budget=0, loaders=1, window=2, resident=(), prepacked=(), compute_threads=1,
+                              predicted_first_s=0, predicted_steady_s=0, predicted_peak_bytes=0)
+    for reader in ("first-load check", "loading agents"):
+        evict_all(directory)
+        with hermes_ort.InferenceSession(directory, plan_override=streams_everything) as session:
+            session.run(["logits"], synthetic_feed(session.manifest, {"sequence": 16}))
+        assert huge_mapped_bytes(directory / "embeddings.data") == 0, reader
+        assert huge_mapped_bytes(directory / "block_03.data") > 0, reader  # the blocks came back in huge pages
+
+
+def test_loading_agents_read_a_token_table_ahead_in_small_pages(exported, monkeypatch):
+    """Head parts read rows of wte ahead: in small pages, as the embeddings look rows up in it."""
+    from hermes_ort.engine import loading
+    from hermes_ort.engine.sessions import SessionConfig
+    from hermes_ort.engine.templates import Templates
+    from hermes_ort.format import manifest as manifest_io
+
+    directory = exported("small-gpt2").directory
+    manifest = manifest_io.load(directory)
+    reads = []
+    monkeypatch.setattr(loading, "read_ahead", lambda path, start=0, length=None, huge=True: reads.append(
+        (path.name, huge)))
+    templates = Templates(directory, manifest)
+    for stage in manifest.stages:
+        if stage.kind == "head":
+            loading.prepare(directory, stage, SessionConfig(intra_op_threads=1), templates).close()
+    assert ("embeddings.data", False) in reads and ("embeddings.data", True) not in reads
+    assert all(huge for name, huge in reads if name != "embeddings.data")  # the head's own file (ln_f)
+
+
+def test_read_ahead_brings_a_cold_file_in_huge_or_small_pages(tmp_path):
+    from hermes_ort.engine.loading import read_ahead
+
+    if not huge_page_cache_expected(tmp_path):
+        pytest.skip(f"no huge pages in the page cache here ({file_system_of(tmp_path)}, or THP off)")
+    path = written_tensor_by_tensor(tmp_path / "w.data")
+    for huge in (False, True):
+        evict_all(tmp_path)
+        read_ahead(path, huge=huge)
+        assert (huge_mapped_bytes(path) == SIZE) is huge
+
+
+@pytest.mark.parametrize("size", [0, 1, 4097, page_cache.CHUNK + 3])
+def test_hashing_through_mappings_gives_the_files_sha256(tmp_path, size):
+    from hermes_ort.format.manifest import sha256_of
+
+    path = tmp_path / "f.data"
+    path.write_bytes(np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8).tobytes())
+    assert page_cache.sha256_mapped(path) == page_cache.sha256_mapped(path, huge=False) == sha256_of(path)

@@ -22,16 +22,16 @@ from .templates import MappedWeights, OwnedStage, Templates, TemplateStage
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
-def read_ahead(path: Path, start: int = 0, length: int | None = None) -> None:
+def read_ahead(path: Path, start: int = 0, length: int | None = None, huge: bool = True) -> None:
     """Bring bytes [start, start + length) of a file (all of it by default) into the page cache and
-    return when they are there."""
+    return when they are there (what comes from disk in huge pages, unless `huge` is False)."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         length = size - start if length is None else length
         if length <= 0:
             return
         if _POPULATE:
-            bring_in(f.fileno(), start, length)
+            bring_in(f.fileno(), start, length, huge)
             return
         f.seek(start)  # no MAP_POPULATE (not Linux): read through a small buffer
         buffer = bytearray(1 << 22)
@@ -52,13 +52,13 @@ def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates:
         if templates is not None:  # just the byte ranges its weights occupy (a head part: its rows of wte);
             for w in templates.canonical[stage.name].weights:  # embedding tables are looked up, not read
                 if not w.looked_up:
-                    read_ahead(directory / w.location, w.offset, w.length)
+                    read_ahead(directory / w.location, w.offset, w.length, w.location not in templates.tables)
         else:
             for file in stage.weights:
                 read_ahead(directory / file.path)
         return OwnedStage(stage, open_stage(directory, stage, quick_to_create(config, stage, templates)))
     try:
-        weights = MappedWeights(directory, form.weights)
+        weights = MappedWeights(directory, form.weights, templates.tables)
     except (OSError, ValueError) as e:  # a missing or truncated data file
         raise StageError(f"{stage.describe()}: cannot map its weights: {e}") from e
     return TemplateStage(stage, form, templates.session(form, config), weights)

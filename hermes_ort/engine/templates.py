@@ -23,7 +23,7 @@ from ..errors import StageError
 from ..format.integrity import FirstLoadCheck
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
-from ..format.page_cache import map_populated
+from ..format.page_cache import looked_up_files, map_populated
 from .sessions import SessionConfig, run_session, run_stage, session_options
 
 
@@ -167,8 +167,9 @@ class Templates:
     go after every run (MappedWeights.release_lookups)."""
 
     def __init__(self, directory: Path, manifest: Manifest):
-        self.integrity = FirstLoadCheck(directory)  # each file hashed once per session, before its first load
         self.canonical = {s.name: canonicalize(directory, s) for s in manifest.stages}
+        self.tables = frozenset(looked_up_files(directory, manifest))  # read into small pages (page_cache.py)
+        self.integrity = FirstLoadCheck(directory, small_pages=self.tables)  # each file hashed once per session
         check_extents(directory, manifest, self.canonical)
         counts: dict[str, int] = {}
         for form in self.canonical.values():
@@ -204,14 +205,14 @@ class MappedWeights:
     GPT-2 medium token ids mapped 41 MiB of wte, 2048 ids 166 MiB, measured from RssFile), so a resident
     embeddings stage grew toward its whole table during a generation."""
 
-    def __init__(self, directory: Path, weights: tuple[WeightRef, ...]):
+    def __init__(self, directory: Path, weights: tuple[WeightRef, ...], tables: frozenset[str] | set[str] = frozenset()):
         self.maps: dict[str, mmap.mmap] = {}
         self.lookups: list[mmap.mmap] = []
         for location in dict.fromkeys(w.location for w in weights):
             lookup_only = all(w.looked_up for w in weights if w.location == location)
-            with open(directory / location, "rb") as f:
+            with open(directory / location, "rb") as f:  # tables: files looked up elsewhere, kept in small pages
                 self.maps[location] = (mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-                                       if lookup_only else map_populated(f.fileno(), 0))
+                                       if lookup_only else map_populated(f.fileno(), 0, 0, location not in tables))
             if lookup_only:
                 self.lookups.append(self.maps[location])
         self.arrays = {w.input_name: np.frombuffer(self.maps[w.location], np.uint8, w.length, w.offset).view(

@@ -16,7 +16,8 @@ import threading
 from pathlib import Path
 
 from ..errors import StageError
-from .manifest import StageSpec, sha256_of
+from .manifest import StageSpec
+from .page_cache import sha256_mapped
 
 
 class BootStamps:
@@ -66,8 +67,9 @@ def default_stamps() -> BootStamps:
 class FirstLoadCheck:
     """The files of one model directory already found intact by this session (or since this boot)."""
 
-    def __init__(self, directory: Path, stamps: BootStamps | None = None):
+    def __init__(self, directory: Path, stamps: BootStamps | None = None, small_pages: frozenset[str] = frozenset()):
         self.directory = directory
+        self.small_pages = small_pages  # files of lookup tables: read from disk into small pages (page_cache.py)
         self.stamps = stamps or default_stamps()
         self.intact: set[str] = set()
         self.lock = threading.Lock()
@@ -88,7 +90,7 @@ class FirstLoadCheck:
                 self.intact.add(file.path)
 
     def hash(self, stage: StageSpec, name: str, path: Path, sha256: str) -> None:
-        if sha256_of(path, chunk=1 << 20) != sha256:  # a small buffer: loaders run inside the budget
+        if sha256_mapped(path, huge=name not in self.small_pages) != sha256:  # 8 MiB mapped at a time
             raise StageError(f"{stage.describe()}: file {name} does not match its sha256 in the manifest "
                              f"(altered or corrupt); `hermes verify` checks every file")
         self.stamps.stamp(path, sha256)

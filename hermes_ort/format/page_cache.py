@@ -17,6 +17,7 @@ Without MADV_POPULATE_READ (Linux < 5.14) or huge pages, this is MAP_POPULATE as
 """
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 from pathlib import Path
@@ -32,11 +33,12 @@ _HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 MADV_POPULATE_READ = 22  # Linux 5.14; Python's mmap module names it from 3.13 on
 
 
-def map_populated(fileno: int, length: int, offset: int = 0) -> mmap.mmap:
-    """A read-only shared mapping of [offset, offset + length) with every page present on return."""
+def map_populated(fileno: int, length: int, offset: int = 0, huge: bool = True) -> mmap.mmap:
+    """A read-only shared mapping of [offset, offset + length) with every page present on return; what
+    it reads from disk lands in huge pages unless `huge` is False (a file holding a lookup table)."""
     m = mmap.mmap(fileno, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset)
     try:
-        if _HUGEPAGE is not None:
+        if _HUGEPAGE is not None and huge:
             m.madvise(_HUGEPAGE)
         m.madvise(MADV_POPULATE_READ)
         return m
@@ -45,12 +47,27 @@ def map_populated(fileno: int, length: int, offset: int = 0) -> mmap.mmap:
         return mmap.mmap(fileno, length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ, offset=offset)
 
 
-def bring_in(fileno: int, start: int, length: int) -> None:
+def bring_in(fileno: int, start: int, length: int, huge: bool = True) -> None:
     """Bytes [start, start + length) of the file into the page cache (chunks on huge-page boundaries);
     returns when they are there. Adds at most CHUNK to the process's peak RSS."""
     aligned, end = start - start % HUGE_PAGE, start + length
     for chunk in range(aligned, end, CHUNK):
-        map_populated(fileno, min(CHUNK, end - chunk), chunk).close()
+        map_populated(fileno, min(CHUNK, end - chunk), chunk, huge).close()
+
+
+def sha256_mapped(path: Path, huge: bool = True) -> str:
+    """The file's sha256, read through populated mappings a chunk at a time: a file hashed from a cold
+    cache (the first load after a boot) then sits in huge pages, where read(2) would leave small ones."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        for chunk in range(0, size, CHUNK):
+            with map_populated(fd, min(CHUNK, size - chunk), chunk, huge) as m:
+                digest.update(m)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def recache(path: Path, huge: bool = True) -> None:
