@@ -13,7 +13,8 @@ class Prepared(Protocol):
     """A stage ready to run: its own session, or a shared template with its weights mapped. `into`: arrays
     some outputs are to be written into, by name (the rest are allocated by ORT)."""
 
-    def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]: ...
+    def run(self, tensors: dict[str, np.ndarray],
+            into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
 

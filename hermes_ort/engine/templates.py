@@ -205,7 +205,8 @@ class MappedWeights:
     GPT-2 medium token ids mapped 41 MiB of wte, 2048 ids 166 MiB, measured from RssFile), so a resident
     embeddings stage grew toward its whole table during a generation."""
 
-    def __init__(self, directory: Path, weights: tuple[WeightRef, ...], tables: frozenset[str] | set[str] = frozenset()):
+    def __init__(self, directory: Path, weights: tuple[WeightRef, ...],
+                 tables: frozenset[str] | set[str] = frozenset()):
         self.maps: dict[str, mmap.mmap] = {}
         self.lookups: list[mmap.mmap] = []
         for location in dict.fromkeys(w.location for w in weights):
