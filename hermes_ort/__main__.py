@@ -263,6 +263,12 @@ def parser() -> argparse.ArgumentParser:
     add_generate(sub, budget_help)
     add_convert(sub)
     add_quantize(sub)
+    add_upkeep(sub)
+    return p
+
+
+def add_upkeep(sub) -> None:
+    """The commands that look after model directories: cache, warm, verify, update."""
     cache = sub.add_parser("cache", help="models split on first use from .onnx files: list them or free them")
     cache.add_argument("action", choices=["ls", "clear"])
     cache.set_defaults(func=cmd_cache)
@@ -278,7 +284,6 @@ def parser() -> argparse.ArgumentParser:
     update.add_argument("model_dir")
     update.add_argument("new_dir", help="the new version (a model directory, checked whole first)")
     update.set_defaults(func=cmd_update)
-    return p
 
 
 def main(argv=None) -> int:

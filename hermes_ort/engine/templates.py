@@ -232,8 +232,6 @@ class MappedWeights:
         self.lookups.clear()
 
 
-
-
 class TemplateStage:
     """A prepared stage run through its shared template session."""
 

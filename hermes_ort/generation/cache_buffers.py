@@ -35,7 +35,7 @@ class CacheBuffers:
     """Where the stages' present.* outputs go, pass by pass (the chain's output sink)."""
 
     def __init__(self, layout: CacheLayout, capacity: int):
-        self.layout, self.capacity = layout, capacity
+        self.capacity = capacity
         self.axis = {t.name: sequence_axis(t.shape) for t in layout.past}
         self.past_of = {present: past for past, present in layout.present_for.items()}
         self.holding: dict[str, np.ndarray] = {}  # past input name -> the buffer its tensor lies in
