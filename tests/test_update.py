@@ -140,3 +140,27 @@ def test_cli_update_refuses_a_damaged_new_version_and_leaves_the_model(versions,
     assert hermes(["update", str(model), str(new)]) == 0
     assert "2 files copied" in capsys.readouterr().out  # block_01.data and the manifest
     np.testing.assert_array_equal(logits(model), logits(new))
+
+
+def test_copied_weight_files_are_cached_again_in_huge_pages_and_the_token_table_in_small_ones(versions, monkeypatch):
+    """A plain copy leaves a file in small pages, where a streamed load maps it ~50x slower (page_cache.py)."""
+    from hermes_ort.format import update
+
+    model, new = versions
+    table = new / "embeddings.data"  # wte: the embeddings look rows up in it
+    table.write_bytes((np.fromfile(table, np.float32) * 0.5).tobytes())
+    manifest = manifest_io.load(new)
+    stages = tuple(dataclasses.replace(s, weights=tuple(FileSpec.of(new, f.path) for f in s.weights))
+                   for s in manifest.stages)
+    manifest_io.save(dataclasses.replace(manifest, stages=stages), new)
+    seen, real = {}, update.recache
+
+    def recorded(path, huge=True):
+        seen[path.name] = huge
+        real(path, huge)
+
+    monkeypatch.setattr(update, "recache", recorded)
+    report = update_model(model, new)
+    assert sorted(report.copied) == ["block_01.data", "embeddings.data", "manifest.json"]
+    assert seen == {"block_01.data": True, "embeddings.data": False}  # linked files are cached as they were
+    np.testing.assert_array_equal(logits(model), logits(new))

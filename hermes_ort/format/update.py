@@ -1,7 +1,9 @@
 """hermes update DIR NEWDIR: deploying a new version of a model to a board without ever leaving a mix.
 
 The new version is built beside DIR: files whose sha256 did not change are hard links to the old ones
-(no bytes copied, no extra disk), the others are copied from NEWDIR and synced, manifest.json last.
+(no bytes copied, no extra disk), the others are copied from NEWDIR and synced, manifest.json last;
+copied weight files are cached again in huge pages, as every published model's are (page_cache.py: a
+plain copy leaves them in small pages, whose mapping costs a streamed load 50x more).
 Then it is swapped in as every publish is (publish.py): before that one call DIR is the old version,
 after it the new one, whatever crashes when.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from ..errors import HermesError
 from . import manifest as manifest_io
 from .manifest import MANIFEST_NAME, Manifest, sha256_of
+from .page_cache import looked_up_files, recache
 from .publish import staging, swap_in, sync_directory
 
 
@@ -48,6 +51,7 @@ def fill(new_version: Path, target: Path, source: Path, old: Manifest, new: Mani
     old_sha = {f.path: f.sha256 for f in files_of(old)}
     new_sha = {f.path: f.sha256 for f in files_of(new)}
     copied, linked, size = [], [], 0
+    weights, tables = {f.path for s in new.stages for f in s.weights}, looked_up_files(source, new)
     names = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
     for name in [n for n in names if n != MANIFEST_NAME] + [MANIFEST_NAME]:
         (new_version / name).parent.mkdir(parents=True, exist_ok=True)
@@ -56,8 +60,11 @@ def fill(new_version: Path, target: Path, source: Path, old: Manifest, new: Mani
             linked.append(name)
             continue
         shutil.copy2(source / name, new_version / name)
-        with open(new_version / name, "rb") as f:
-            os.fsync(f.fileno())
+        if name in weights:
+            recache(new_version / name, huge=name not in tables)  # synced there
+        else:
+            with open(new_version / name, "rb") as f:
+                os.fsync(f.fileno())
         copied.append(name)
         size += (new_version / name).stat().st_size
     sync_directory(new_version)
