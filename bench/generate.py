@@ -1,5 +1,6 @@
-"""python -m bench.generate MODEL_DIR... [--budgets 100%,50%,25%] [--batches 1,8] [--tokens 32]: greedy decoding
-with a KV cache, each strategy in a fresh process (peak RSS is a lifetime figure), warm page cache. One table:
+"""python -m bench.generate MODEL_DIR... [--budgets 100%,50%,25%] [--batches 1,8] [--tokens 32] [--repeats 1]:
+greedy decoding with a KV cache, each strategy in a fresh process (peak RSS is a lifetime figure), warm page
+cache; with --repeats N every strategy runs N times in rounds and the median run is shown. One table:
 
 whole             whole-model ORT (the stages merged into one graph), default session options, KV cache
 hermes            hermes_ort.stream at the budget (the generation plan: decode profile, KV cache inside it)
@@ -158,7 +159,8 @@ def run_worker(*args: str) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens: int, bar) -> tuple[list[dict], float]:
+def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens: int, repeats: int,
+                bar) -> tuple[list[dict], float]:
     manifest = manifest_io.load(directory)
     prepare_whole(directory, manifest)
     warm(directory, manifest)  # the page cache as hermes leaves it (export, hermes warm): huge pages
@@ -166,15 +168,15 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
     records = []
     for batch in batches:
         common = ["--batch", str(batch), "--tokens", str(tokens)]
-        whole = run_worker(str(directory), "--worker", "whole", "--budget", "0", *common)
-        runs = [("whole-model ORT", None, whole)]
-        runs += [("hermes", b, run_worker(str(directory), "--worker", "hermes", "--budget", b, *common))
-                 for b in budgets]
-        runs.append(("stream-everything", None, run_worker(str(directory), "--worker", "stream-everything",
-                                                           "--budget", "0", *common)))
+        strategies = [("whole-model ORT", None, "whole", "0")] + [("hermes", b, "hermes", b) for b in budgets]
+        strategies.append(("stream-everything", None, "stream-everything", "0"))
         if batch == 1 and gguf_source(manifest) is not None:
-            runs.append(("llama.cpp (same GGUF)", None, run_worker(str(directory), "--worker", "llama.cpp",
-                                                                  "--budget", "0", *common)))
+            strategies.append(("llama.cpp (same GGUF)", None, "llama.cpp", "0"))
+        rounds = [[run_worker(str(directory), "--worker", worker, "--budget", b, *common)
+                   for _, _, worker, b in strategies] for _ in range(repeats)]
+        runs = [(name, budget, median_run([r[k] for r in rounds]))
+                for k, (name, budget, _, _) in enumerate(strategies)]
+        whole = runs[0][2]
         for name, budget, r in [run for run in runs if run[2] is not None]:
             floor = batch / max(whole["step_s"], r["streamed_bytes"] / bandwidth) if name != "whole-model ORT" else None
             records.append(record(directory.name, manifest, batch, name, budget, r, whole, floor))
@@ -184,6 +186,19 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
     return records, bandwidth
 
 
+def median_run(runs: list[dict | None]) -> dict | None:
+    """One strategy's repeats (taken in rounds, every strategy once per round, so a slow spell of this
+    noisy machine hits them all) as one: the run of median tokens/s, with the highest peak RSS of them all
+    (a budget holds in every run or it does not hold), every run's rate, and whether they all decoded the
+    same tokens."""
+    if any(r is None for r in runs):
+        return None
+    middle = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
+    return middle | {"peak": max(r["peak"] for r in runs), "rates": [r["rate"] for r in runs],
+                     "peaks": [r["peak"] for r in runs],
+                     "tokens": middle["tokens"] if all(r["tokens"] == middle["tokens"] for r in runs) else None}
+
+
 def record(model, manifest, batch, strategy, budget, r, whole, floor) -> dict:
     limit = parse_budget(budget, manifest.bytes) if budget else None
     return {"model": model, "precision": manifest.extra.get("precision", "fp32"), "random_weights": bool(
@@ -191,20 +206,28 @@ def record(model, manifest, batch, strategy, budget, r, whole, floor) -> dict:
         "budget_bytes": limit, "first_s": r["first_s"], "tokens_per_s": r["rate"], "step_s": r["step_s"],
         "peak_rss": r["peak"], "streamed_bytes": r["streamed_bytes"], "vs_whole": r["rate"] / whole["rate"],
         "floor_tokens_per_s": floor, "vs_floor": r["rate"] / floor if floor else None,
-        "in_budget": r["peak"] <= limit if limit else None,
-        "same_tokens": bool(np.array_equal(np.array(r["tokens"]), np.array(whole["tokens"])))}
+        "in_budget": r["peak"] <= limit if limit else None, "tokens_per_s_runs": r["rates"],
+        "peak_rss_runs": r["peaks"],
+        "same_tokens": r["tokens"] is not None and bool(np.array_equal(np.array(r["tokens"]), np.array(whole["tokens"])))}
 
 
 def decode_table(records: list[dict]) -> results.Table:
     rows = [[r["model"], str(r["batch"]), f"hermes {r['budget']}" if r["budget"] else r["strategy"],
              format_bytes(r["budget_bytes"]) if r["budget_bytes"] else "-", f"{r['first_s']:.2f}",
-             f"{r['tokens_per_s']:.1f}", f"{r['vs_whole']:.2f}x", f"{r['vs_floor']:.2f}x" if r["vs_floor"] else "-",
+             rate_cell(r), f"{r['vs_whole']:.2f}x", f"{r['vs_floor']:.2f}x" if r["vs_floor"] else "-",
              format_bytes(r["peak_rss"]), {True: "yes", False: "NO", None: "-"}[r["in_budget"]],
              "yes" if r["same_tokens"] else "no"] for r in records]
     return results.Table("greedy decoding: tokens/s counts every row after the first token; first token includes "
                          "creating the session", ["model", "batch", "strategy", "budget", "first token s",
                                                   "tokens/s", "vs whole", "vs floor", "peak RSS", "in budget",
                                                   "same tokens"], rows)
+
+
+def rate_cell(r: dict) -> str:
+    """Tokens/s, with the range over repeats when there were several."""
+    runs = r["tokens_per_s_runs"]
+    spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
+    return f"{r['tokens_per_s']:.1f}{spread}"
 
 
 def main(argv=None) -> None:
@@ -215,6 +238,8 @@ def main(argv=None) -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per row")
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>-<host>)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every strategy, in rounds; the table shows "
+                   "the median run's figures, the range of tokens/s, and the highest peak RSS")
     p.add_argument("--worker", choices=["whole", "hermes", "stream-everything", "llama.cpp"], help=argparse.SUPPRESS)
     p.add_argument("--budget", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -229,7 +254,7 @@ def main(argv=None) -> None:
     with results.progress(len(args.model_dirs) * len(batches)) as bar:
         for directory in args.model_dirs:
             found, bandwidths[directory.name] = bench_model(directory, args.budgets.split(","), batches,
-                                                            args.tokens, bar)
+                                                            args.tokens, max(args.repeats, 1), bar)
             records += found
     decoded = decode_table(records)
     print(f"greedy decoding, prompt {PROMPT} tokens, {args.tokens} new per row, warm page cache; {describe()}")

@@ -63,3 +63,34 @@ def test_bench_generate_prints_every_strategy_per_batch(exported, tmp_path):
     assert len(doc["records"]) == len(table) and all(r["same_tokens"] for r in doc["records"])
     assert {r["precision"] for r in doc["records"]} == {"fp32"} and doc["machine"]["page_cache_bytes_per_s"]
     assert (tmp_path / "results" / "decode-vs-budget.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_generate_repeats_shows_the_median_run_and_the_highest_peak(exported, tmp_path):
+    """--repeats: every strategy runs in rounds; the table keeps the median run's tokens/s with the range,
+    and the highest peak RSS of all runs (a budget holds in every run or it does not hold)."""
+    model = tmp_path / "tiny-gpt2"
+    shutil.copytree(exported("tiny-gpt2").directory, model)
+    out = bench("bench.generate", model, "--budgets", "1GiB", "--batches", "1", "--tokens", "4", "--repeats", "3",
+                "--out", tmp_path / "results")
+    records = json.loads((tmp_path / "results" / "generate.json").read_text())["records"]
+    assert len(records) == 3 and all(len(r["tokens_per_s_runs"]) == len(r["peak_rss_runs"]) == 3 for r in records)
+    for r in records:
+        assert r["tokens_per_s"] == sorted(r["tokens_per_s_runs"])[1] and r["peak_rss"] == max(r["peak_rss_runs"])
+        assert r["same_tokens"]
+    hermes = next(r for r in records if r["strategy"] == "hermes")
+    whole = next(r for r in records if r["strategy"] == "whole-model ORT")
+    assert hermes["vs_whole"] == hermes["tokens_per_s"] / whole["tokens_per_s"]
+    low, high = min(hermes["tokens_per_s_runs"]), max(hermes["tokens_per_s_runs"])
+    assert f"{hermes['tokens_per_s']:.1f} ({low:.1f}-{high:.1f})" in out
+
+
+def test_median_run_keeps_the_median_rate_the_highest_peak_and_flags_differing_tokens():
+    from bench.generate import median_run
+
+    runs = [{"rate": 3.0, "peak": 10, "tokens": [[1, 2]]}, {"rate": 1.0, "peak": 30, "tokens": [[1, 2]]},
+            {"rate": 2.0, "peak": 20, "tokens": [[1, 2]]}]
+    combined = median_run(runs)
+    assert combined["rate"] == 2.0 and combined["peak"] == 30 and combined["tokens"] == [[1, 2]]
+    assert combined["rates"] == [3.0, 1.0, 2.0] and combined["peaks"] == [10, 30, 20]
+    assert median_run([*runs[:2], {"rate": 2.0, "peak": 20, "tokens": [[1, 3]]}])["tokens"] is None
+    assert median_run([runs[0], None]) is None  # a budget below the feasible minimum is skipped, as with one run
