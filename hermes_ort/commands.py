@@ -126,6 +126,27 @@ def cmd_cache(args) -> None:
         print(f"  {e.key}  {format_bytes(e.bytes):>11}  {e.source}")
 
 
+def cmd_batched(args) -> None:
+    from .engine.templates import Templates
+    from .format import manifest as manifest_io
+    from .format.batched_layout import LAYOUT_DIR, remove_layout, write_layout
+
+    directory = Path(args.model_dir)
+    manifest = manifest_io.load(directory)
+    if args.remove:
+        print(f"{directory / LAYOUT_DIR}: {'removed' if remove_layout(directory) else 'there was none'}")
+        return
+    start = time.perf_counter()
+    layout = write_layout(directory, manifest, Templates(directory, manifest))
+    if not layout.stages:
+        remove_layout(directory)
+        print(f"{args.model_dir}: no streamed stage has a matrix to transpose: nothing written")
+        return
+    print(f"{directory / LAYOUT_DIR}: {sum(len(v) for v in layout.stages.values())} matrices of {len(layout.stages)} "
+          f"stages transposed ({format_bytes(sum(f.bytes for f in layout.files))}) in "
+          f"{time.perf_counter() - start:.1f} s; generations of several rows read them")
+
+
 def cmd_warm(args) -> None:
     from .format import manifest as manifest_io
     from .format import page_cache

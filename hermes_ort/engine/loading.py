@@ -17,7 +17,7 @@ from ..errors import StageError
 from ..format.manifest import StageSpec
 from ..format.page_cache import bring_in
 from .sessions import SessionConfig, open_stage
-from .templates import MappedWeights, OwnedStage, Templates, TemplateStage
+from .templates import MappedWeights, OwnedStage, Templates, TemplateStage, WeightRef
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -39,10 +39,12 @@ def read_ahead(path: Path, start: int = 0, length: int | None = None, huge: bool
             length -= n
 
 
-def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates: Templates | None = None):
+def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates: Templates | None = None,
+            batched: bool = False):
     """A stage ready to run. Through a shared template (weights mapped and populated here) when another
-    stage shares its graph and it is not prepacked; else its own session, files read ahead first (ORT
-    releases the GIL while it creates it)."""
+    stage shares its graph and it is not prepacked, with its matrices transposed when `batched` and the
+    model has a batched layout; else its own session, files read ahead first (ORT releases the GIL while
+    it creates it)."""
     if templates is not None:
         templates.integrity.stage(stage)  # reads the files whole once: also a read-ahead of them
     form = templates.forms.get(stage.name) if templates is not None else None
@@ -57,11 +59,26 @@ def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates:
             for file in stage.weights:
                 read_ahead(directory / file.path)
         return OwnedStage(stage, open_stage(directory, stage, quick_to_create(config, stage, templates)))
+    refs, transposed = in_layout(stage, form.weights, templates) if batched else (form.weights, ())
     try:
-        weights = MappedWeights(directory, form.weights, templates.tables)
+        weights = MappedWeights(directory, refs, templates.tables)
     except (OSError, ValueError) as e:  # a missing or truncated data file
         raise StageError(f"{stage.describe()}: cannot map its weights: {e}") from e
-    return TemplateStage(stage, form, templates.session(form, config), weights)
+    return TemplateStage(stage, form, templates.session(form, config, transposed), weights, batched)
+
+
+def in_layout(stage: StageSpec, weights: tuple[WeightRef, ...], templates: Templates):
+    """(weights to map, the inputs taken transposed): the batched layout's places for the stage's matrices
+    (their files checked on first load), or the stage's own weights where it has none."""
+    layout = templates.batched()
+    entries = {e[0]: e for e in layout.stages.get(stage.name, ())} if layout is not None else {}
+    if not entries:
+        return weights, ()
+    files = {e[1] for e in entries.values()}
+    templates.integrity.stage(stage, tuple(f for f in layout.files if f.path in files), "batched/index.json")
+    refs = tuple(dataclasses.replace(w, location=e[1], offset=e[2], length=e[3], shape=e[4])
+                 if (e := entries.get(w.input_name)) else w for w in weights)
+    return refs, tuple(w.input_name for w in weights if w.input_name in entries)
 
 
 def quick_to_create(config: SessionConfig, stage: StageSpec, templates: Templates | None) -> SessionConfig:

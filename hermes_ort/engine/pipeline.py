@@ -42,9 +42,11 @@ class Resident:
     def names(self, manifest: Manifest) -> tuple[str, ...]:
         return tuple(manifest.stages[i].name for i in self.stages)
 
-    def keep_only(self, names: set[str], manifest: Manifest) -> None:
-        """Drops resident stages a new plan streams, so they do not count beside its window."""
-        for i in [i for i in self.stages if manifest.stages[i].name not in names]:
+    def keep_only(self, names: set[str], manifest: Manifest, batched: bool = False) -> None:
+        """Drops resident stages a new plan streams, so they do not count beside its window, and template
+        stages prepared for the other layout (a batched plan's after one row's, and back)."""
+        for i in [i for i, p in self.stages.items() if manifest.stages[i].name not in names
+                  or getattr(p, "batched", batched) != batched]:
             self.stages.pop(i).close()
 
     def close(self) -> None:
@@ -82,7 +84,7 @@ class Pipeline:
                  tracer: Tracer | None = None, cyclic: bool = False):
         self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
         self.tracer = tracer or NullTracer()
-        resident.keep_only(set(plan.resident), manifest)
+        resident.keep_only(set(plan.resident), manifest, plan.batched_layout)
         count = range(len(manifest.stages))
         self.schedule = Schedule([i for i in count if i not in resident.stages],
                                  [i for i in count if plan.streams(manifest.stages[i].name)], cyclic)
@@ -185,7 +187,8 @@ class Pipeline:
             try:
                 with self.tracer.span(f"load {stage.name}", "load"):
                     config = stage_config(self.plan, stage, self.resident.log_severity)
-                    prepared = loading.prepare(self.directory, stage, config, self.resident.templates)
+                    prepared = loading.prepare(self.directory, stage, config, self.resident.templates,
+                                               self.plan.batched_layout)
             except BaseException as e:  # reaches the caller through _prepared_for, named by stage
                 with self.cond:
                     self.error = e if isinstance(e, HermesError) else StageError(

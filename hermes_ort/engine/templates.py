@@ -23,7 +23,9 @@ from ..errors import StageError
 from ..format.integrity import FirstLoadCheck
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
+from ..format.batched_layout import BatchedLayout, load_layout
 from ..format.page_cache import looked_up_files, map_populated
+from ..graphs.transposed import rewrite
 from .sessions import SessionConfig, run_session, run_stage, session_options
 
 
@@ -167,6 +169,7 @@ class Templates:
     go after every run (MappedWeights.release_lookups)."""
 
     def __init__(self, directory: Path, manifest: Manifest):
+        self.directory, self.manifest = directory, manifest
         self.canonical = {s.name: canonicalize(directory, s) for s in manifest.stages}
         self.tables = frozenset(looked_up_files(directory, manifest))  # read into small pages (page_cache.py)
         self.integrity = FirstLoadCheck(directory, small_pages=self.tables)  # each file hashed once per session
@@ -180,17 +183,27 @@ class Templates:
         for form in self.canonical.values():
             for name, rows in form.index_bounds:
                 self.index_bounds[name] = min(self.index_bounds.get(name, rows), rows)
-        self.sessions: dict[str, ort.InferenceSession] = {}  # by graph key and thread count
+        self.sessions: dict[str, ort.InferenceSession] = {}  # by graph key, thread count and layout
         self.lock = threading.Lock()
+        self._batched: BatchedLayout | None | bool = False  # False: not read yet
 
-    def session(self, form: Canonical, config: SessionConfig) -> ort.InferenceSession:
-        """One session per graph and thread count (a generation plan may run fewer threads than a pass)."""
-        key = f"{form.key}/{config.intra_op_threads}"
+    def session(self, form: Canonical, config: SessionConfig, transposed: tuple[str, ...] = ()) -> ort.InferenceSession:
+        """One session per graph, thread count (a generation plan may run fewer threads than a pass) and
+        layout (`transposed`: the weight inputs it takes transposed, graphs/transposed.py)."""
+        key = f"{form.key}/{config.intra_op_threads}/{','.join(transposed)}"
         with self.lock:
             if key not in self.sessions:
-                self.sessions[key] = ort.InferenceSession(form.model, session_options(config),
+                model = rewrite(form.model, list(transposed)) if transposed else form.model
+                self.sessions[key] = ort.InferenceSession(model, session_options(config),
                                                           providers=["CPUExecutionProvider"])
             return self.sessions[key]
+
+    def batched(self) -> BatchedLayout | None:
+        """The model's batched layout (format/batched_layout.py), read once; None where there is none."""
+        with self.lock:
+            if self._batched is False:
+                self._batched = load_layout(self.directory, self.manifest)
+            return self._batched
 
     def close(self) -> None:
         self.sessions.clear()
@@ -235,8 +248,10 @@ class MappedWeights:
 class TemplateStage:
     """A prepared stage run through its shared template session."""
 
-    def __init__(self, stage: StageSpec, form: Canonical, session: ort.InferenceSession, weights: MappedWeights):
+    def __init__(self, stage: StageSpec, form: Canonical, session: ort.InferenceSession, weights: MappedWeights,
+                 batched: bool = False):
         self.stage, self.form, self.session, self.weights = stage, form, session, weights
+        self.batched = batched  # prepared for a batched plan (format/batched_layout.py)
 
     def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         feed = {f"in_{k}": tensors[name] for k, name in enumerate(self.form.inputs)} | self.weights.arrays

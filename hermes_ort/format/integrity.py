@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from ..errors import StageError
-from .manifest import StageSpec
+from .manifest import FileSpec, StageSpec
 from .page_cache import sha256_mapped
 
 
@@ -74,23 +74,24 @@ class FirstLoadCheck:
         self.intact: set[str] = set()
         self.lock = threading.Lock()
 
-    def stage(self, stage: StageSpec) -> None:
-        """Raises StageError naming the stage and file when a file's bytes differ from the manifest's."""
-        for file in stage.files:
+    def stage(self, stage: StageSpec, files: tuple[FileSpec, ...] | None = None, where: str = "the manifest") -> None:
+        """Raises StageError naming the stage and file when a file's bytes differ from the manifest's (or
+        those of `files`, the stage's other files: its batched layout's, from `where`)."""
+        for file in stage.files if files is None else files:
             with self.lock:
                 if file.path in self.intact:
                     continue
             path = self.directory / file.path
             try:
                 if not self.stamps.intact(path, file.sha256):
-                    self.hash(stage, file.path, path, file.sha256)
+                    self.hash(stage, file.path, path, file.sha256, where)
             except OSError as e:
                 raise StageError(f"{stage.describe()}: cannot read {file.path}: {e}") from e
             with self.lock:
                 self.intact.add(file.path)
 
-    def hash(self, stage: StageSpec, name: str, path: Path, sha256: str) -> None:
+    def hash(self, stage: StageSpec, name: str, path: Path, sha256: str, where: str = "the manifest") -> None:
         if sha256_mapped(path, huge=name not in self.small_pages) != sha256:  # 8 MiB mapped at a time
-            raise StageError(f"{stage.describe()}: file {name} does not match its sha256 in the manifest "
+            raise StageError(f"{stage.describe()}: file {name} does not match its sha256 in {where} "
                              f"(altered or corrupt); `hermes verify` checks every file")
         self.stamps.stamp(path, sha256)
