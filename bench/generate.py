@@ -3,7 +3,8 @@ greedy decoding with a KV cache, each strategy in a fresh process (peak RSS is a
 cache; with --repeats N every strategy runs N times in rounds and the median run is shown. One table:
 
 whole             whole-model ORT (the stages merged into one graph), default session options, KV cache
-hermes            hermes_ort.stream at the budget (the generation plan: decode profile, KV cache inside it)
+hermes            hermes_ort.stream at the budget (the generation plan: decode profile, KV cache inside it;
+                  batches of several rows read the batched layout, `hermes batched`, written if missing)
 stream-everything load, run and free every block every token with one block of lookahead (one loader,
                   window 2, a fresh ORT session per stage, nothing resident): what other streaming tools do
 floor             max(whole-model step, bytes hermes streams per token / page-cache bandwidth of this run)
@@ -164,6 +165,8 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
     manifest = manifest_io.load(directory)
     prepare_whole(directory, manifest)
     warm(directory, manifest)  # the page cache as hermes leaves it (export, hermes warm): huge pages
+    if max(batches) > 1:
+        batched_layout(directory, manifest)
     bandwidth = page_cache_bandwidth(directory, manifest)
     records = []
     for batch in batches:
@@ -184,6 +187,18 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
     print(f"# {directory.name}{weights_note(manifest)}: {format_bytes(manifest.bytes)} on disk; page cache "
           f"(populated mappings, huge pages) {bandwidth / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
     return records, bandwidth
+
+
+def batched_layout(directory: Path, manifest) -> None:
+    """Batched rows read the streamed matrices transposed, as after `hermes batched DIR` (written here once
+    when the model has none, and said so)."""
+    from hermes_ort.engine.templates import Templates
+    from hermes_ort.format.batched_layout import LAYOUT_DIR, load_layout, write_layout
+
+    if load_layout(directory, manifest) is None:
+        layout = write_layout(directory, manifest, Templates(directory, manifest))
+        print(f"# {directory.name}: batched layout written to {directory / LAYOUT_DIR} "
+              f"({format_bytes(sum(f.bytes for f in layout.files))}), as `hermes batched` does", file=sys.stderr)
 
 
 def median_run(runs: list[dict | None]) -> dict | None:

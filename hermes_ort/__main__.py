@@ -39,13 +39,16 @@ def cmd_profile(args) -> None:
     from .format import manifest as manifest_io
     from .planning import profiles
     from .engine.feeds import synthetic_feed
+    from .format.batched_layout import load_layout
     from .planning.profiler import prefill_bytes, profile_model
     from .generation.decode_plan import decode_profile_name
     from .planning.report import profile_table
 
     manifest = manifest_io.load(args.model_dir)
     sizes = decode_axes(args, manifest) if args.decode else axes(args)
-    profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, sizes), sizes, args.threads)
+    batched = args.decode and args.batch > 1 and load_layout(Path(args.model_dir), manifest) is not None
+    profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, sizes), sizes, args.threads,
+                            batched=batched)
     if args.decode:
         prompt = {"batch": args.batch, "sequence": args.prompt, "past_sequence": 0}
         held = prefill_bytes(Path(args.model_dir), manifest, synthetic_feed(manifest, prompt), args.threads)

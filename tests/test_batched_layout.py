@@ -166,3 +166,20 @@ def test_cli_writes_and_removes_the_layout(model, capsys):
     assert "8 matrices of 2 stages transposed" in capsys.readouterr().out
     assert hermes(["plan", str(model), "--decode", "--batch", "3", "--budget", "1GiB"]) == 0
     assert "batched layout: streamed matrices read transposed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("batch, reads_layout", [(1, False), (2, True)])
+def test_a_decode_profile_of_several_rows_measures_the_batched_layout(model, monkeypatch, batch, reads_layout):
+    from hermes_ort.planning import profiler
+
+    seen = set()
+    original = profiler.prepare
+
+    def recording(directory, stage, config, templates=None, batched=False):
+        if not config.prepacking:
+            seen.add(batched)
+        return original(directory, stage, config, templates, batched)
+
+    monkeypatch.setattr(profiler, "prepare", recording)
+    assert hermes(["profile", str(model), "--decode", "--batch", str(batch), "--max-length", "16", "--prompt", "4"]) == 0
+    assert seen == {reads_layout}

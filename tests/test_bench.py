@@ -63,6 +63,7 @@ def test_bench_generate_prints_every_strategy_per_batch(exported, tmp_path):
     assert len(doc["records"]) == len(table) and all(r["same_tokens"] for r in doc["records"])
     assert {r["precision"] for r in doc["records"]} == {"fp32"} and doc["machine"]["page_cache_bytes_per_s"]
     assert (tmp_path / "results" / "decode-vs-budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert (model / "batched" / "index.json").is_file()  # batch 2 read the batched layout, written as it was missing
 
 
 def test_bench_generate_repeats_shows_the_median_run_and_the_highest_peak(exported, tmp_path):

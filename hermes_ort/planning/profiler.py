@@ -18,7 +18,7 @@ from ..engine.templates import Templates
 
 
 def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: SessionConfig,
-                  templates: Templates) -> tuple[StageCost, dict]:
+                  templates: Templates, batched: bool = False) -> tuple[StageCost, dict]:
     """bytes = the RSS the stage needs at its peak (while its session is created, prepacking holds the
     mapped and the packed weights at once) less what stays after it is destroyed (its outputs, the shared
     arena's growth: counted once for the whole model)."""
@@ -26,7 +26,7 @@ def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: Sess
     evict(directory, stage)
     exact_peak = reset_peak()
     start = time.perf_counter()
-    prepared = prepare(directory, stage, config, templates)
+    prepared = prepare(directory, stage, config, templates, batched)
     cold = time.perf_counter() - start
     start = time.perf_counter()
     outputs = prepared.run(tensors)  # the first run of a fresh stage is what streaming pays every time
@@ -37,7 +37,7 @@ def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: Sess
     give_back()
     held = rss()
     start = time.perf_counter()
-    prepared = prepare(directory, stage, config, templates)
+    prepared = prepare(directory, stage, config, templates, batched)
     warm = time.perf_counter() - start
     prepared.close()
     del prepared
@@ -59,7 +59,8 @@ def disk_bandwidth(directory: Path, manifest: Manifest) -> float:
 
 
 def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarray], axes: dict,
-                  compute_threads: int | None = None, show_progress: bool = True) -> Profile:
+                  compute_threads: int | None = None, show_progress: bool = True, batched: bool = False) -> Profile:
+    """batched: templates read the batched layout (format/batched_layout.py), as plans for several rows do."""
     cores = os.cpu_count() or 1
     threads = compute_threads or cores
     give_back()
@@ -68,7 +69,8 @@ def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
     tensors, last_use, stages, transient = dict(feed), manifest.last_use(), [], 0
     templates = Templates(directory, manifest)
     for i, stage in progress(enumerate(manifest.stages), len(manifest.stages), "profile", show_progress):
-        plain, outputs = measure_stage(directory, stage, tensors, SessionConfig(threads, False, False), templates)
+        plain, outputs = measure_stage(directory, stage, tensors, SessionConfig(threads, False, False), templates,
+                                       batched)
         packed, _ = measure_stage(directory, stage, tensors, SessionConfig(threads, True, False), templates)
         stages.append(StageProfile(stage.name, stage.bytes, plain, packed))
         tensors = still_needed(tensors, outputs, last_use, i)
