@@ -142,7 +142,8 @@ def cmd_batched(args) -> None:
         remove_layout(directory)
         print(f"{args.model_dir}: no streamed stage has a matrix to transpose: nothing written")
         return
-    print(f"{directory / LAYOUT_DIR}: {sum(len(v) for v in layout.stages.values())} matrices of {len(layout.stages)} "
+    matrices = sum(p.transposed for placed in layout.stages.values() for p in placed)
+    print(f"{directory / LAYOUT_DIR}: {matrices} matrices of {len(layout.stages)} "
           f"stages transposed ({format_bytes(sum(f.bytes for f in layout.files))}) in "
           f"{time.perf_counter() - start:.1f} s; generations of several rows read them")
 

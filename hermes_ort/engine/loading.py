@@ -71,14 +71,14 @@ def in_layout(stage: StageSpec, weights: tuple[WeightRef, ...], templates: Templ
     """(weights to map, the inputs taken transposed): the batched layout's places for the stage's matrices
     (their files checked on first load), or the stage's own weights where it has none."""
     layout = templates.batched()
-    entries = {e[0]: e for e in layout.stages.get(stage.name, ())} if layout is not None else {}
-    if not entries:
+    placed = {p.input_name: p for p in layout.stages.get(stage.name, ())} if layout is not None else {}
+    if not placed:
         return weights, ()
-    files = {e[1] for e in entries.values()}
+    files = {p.location for p in placed.values()}
     templates.integrity.stage(stage, tuple(f for f in layout.files if f.path in files), "batched/index.json")
-    refs = tuple(dataclasses.replace(w, location=e[1], offset=e[2], length=e[3], shape=e[4])
-                 if (e := entries.get(w.input_name)) else w for w in weights)
-    return refs, tuple(w.input_name for w in weights if w.input_name in entries)
+    refs = tuple(dataclasses.replace(w, location=p.location, offset=p.offset, length=p.length, shape=p.shape)
+                 if (p := placed.get(w.input_name)) else w for w in weights)
+    return refs, tuple(w.input_name for w in weights if w.input_name in placed and placed[w.input_name].transposed)
 
 
 def quick_to_create(config: SessionConfig, stage: StageSpec, templates: Templates | None) -> SessionConfig:

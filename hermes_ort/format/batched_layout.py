@@ -1,7 +1,8 @@
 """`hermes batched DIR`: the model's streamed matrices written a second time, transposed, for batched decoding.
 
-Why and which matrices: graphs/transposed.py. DIR/batched/ holds one data file per source data file, each
-matrix [N, K] at a 64 KiB-aligned offset, and index.json: the source files' sha256 (the layout is stale, and
+Why and which matrices: graphs/transposed.py. DIR/batched/ holds a data file per stage with every weight it
+reads in full (matrices [N, K], the rest as they are: a stage maps that file only), each at a 64 KiB-aligned
+offset, and index.json: the source files' sha256 (the layout is stale, and
 not used, once a source changes), where each stage's transposed weights lie, and every file's sha256 (checked
 on first load, as the manifest's files are). It is derived data: `--remove` deletes it, `hermes update`
 leaves it behind with the old version. Costs the streamed matrices' bytes again on disk; no more memory.
@@ -31,15 +32,24 @@ ALIGN = 64 << 10
 
 
 @dataclass(frozen=True)
+class Placed:
+    """One weight of a stage in the layout: its template input, where its bytes lie, and whether they are
+    the matrix transposed (else copied as they are, so that a stage maps only its layout file)."""
+
+    input_name: str
+    location: str
+    offset: int
+    length: int
+    shape: tuple[int, ...]
+    transposed: bool
+
+
+@dataclass(frozen=True)
 class BatchedLayout:
-    """What a batched plan maps instead: by stage, (input name, location, offset, length, shape) of each
-    transposed weight, and the layout's files."""
+    """What a batched plan maps instead of a stage's own weights, by stage, and the layout's files."""
 
-    stages: dict[str, tuple[tuple[str, str, int, int, tuple[int, ...]], ...]]
+    stages: dict[str, tuple[Placed, ...]]
     files: tuple[FileSpec, ...]
-
-    def names(self, stage: str) -> list[str]:
-        return [entry[0] for entry in self.stages.get(stage, ())]
 
 
 def transposed_inputs(templates) -> dict[str, list[str]]:
@@ -62,14 +72,16 @@ def write_layout(directory: Path, manifest: Manifest, templates) -> BatchedLayou
     try:
         stages, ends = {}, {}
         for name, form in templates.forms.items():
-            refs = [w for w in form.weights if w.input_name in chosen.get(form.key, ())]
-            stages[name] = tuple(write_transposed(directory, tmp, w, ends) for w in refs)
+            transposed = chosen.get(form.key, ())
+            if transposed:
+                stages[name] = tuple(write_weight(directory, tmp, name, w, w.input_name in transposed, ends)
+                                     for w in form.weights if not w.looked_up)
         files = tuple(FileSpec(f"{LAYOUT_DIR}/{p.name}", p.stat().st_size, sha256_of(p)) for p in sorted(tmp.glob("*.data")))
         for p in tmp.glob("*.data"):
             recache(p)  # synced there
         sources = {f.path: f.sha256 for s in manifest.stages for f in s.weights}
         index = {"format": 1, "sources": sources, "files": [dataclasses.asdict(f) for f in files],
-                 "stages": {k: [list(e[:4]) + [list(e[4])] for e in v] for k, v in stages.items() if v}}
+                 "stages": {k: [dataclasses.asdict(e) for e in v] for k, v in stages.items()}}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
         shutil.rmtree(directory / LAYOUT_DIR, ignore_errors=True)
         os.rename(tmp, directory / LAYOUT_DIR)
@@ -79,19 +91,19 @@ def write_layout(directory: Path, manifest: Manifest, templates) -> BatchedLayou
     return load_layout(directory, manifest)
 
 
-def write_transposed(directory: Path, out: Path, w, ends: dict[str, int]):
-    """Appends weight w transposed to its layout file; returns its index entry."""
-    name = w.location.replace("/", "_")
+def write_weight(directory: Path, out: Path, stage: str, w, transposed: bool, ends: dict[str, int]) -> Placed:
+    """Appends weight w (transposed, or as it is) to the stage's layout file; returns where it lies."""
+    name = f"{stage}.data"
     offset = -(-ends.get(name, 0) // ALIGN) * ALIGN
     with open(directory / w.location, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-        matrix = np.frombuffer(m, np.uint8, w.length, w.offset).view(w.dtype).reshape(w.shape)
-        data = np.ascontiguousarray(matrix.T)
-        del matrix
+        tensor = np.frombuffer(m, np.uint8, w.length, w.offset).view(w.dtype).reshape(w.shape)
+        data = np.array(tensor.T if transposed else tensor, order="C", copy=True)  # not a view of m
+        del tensor
     with open(out / name, "r+b" if (out / name).exists() else "wb") as f:
         f.seek(offset)
         f.write(data.tobytes())
     ends[name] = offset + data.nbytes
-    return w.input_name, f"{LAYOUT_DIR}/{name}", offset, data.nbytes, tuple(data.shape)
+    return Placed(w.input_name, f"{LAYOUT_DIR}/{name}", offset, data.nbytes, tuple(data.shape), transposed)
 
 
 def load_layout(directory: Path, manifest: Manifest) -> BatchedLayout | None:
@@ -102,7 +114,7 @@ def load_layout(directory: Path, manifest: Manifest) -> BatchedLayout | None:
         return None
     try:
         index = json.loads(path.read_text())
-        stages = {k: tuple((e[0], e[1], int(e[2]), int(e[3]), tuple(e[4])) for e in v) for k, v in index["stages"].items()}
+        stages = {k: tuple(Placed(**{**e, "shape": tuple(e["shape"])}) for e in v) for k, v in index["stages"].items()}
         files = tuple(FileSpec(**f) for f in index["files"])
         sources = index["sources"]
     except (ValueError, KeyError, TypeError, IndexError) as e:
