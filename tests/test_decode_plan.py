@@ -127,3 +127,34 @@ def test_a_measured_prefill_is_charged_and_scaled_to_the_prompt(gpt2):
     assert peak(measured, 32) - peak(plain, 32) >= 29 * MiB
     assert (peak(measured, 64) - cache(64)) - (peak(measured, 32) - cache(32)) >= 29 * MiB  # 60 MiB at 64
     assert peak(measured, 8) - cache(8) == peak(measured, 32) - cache(32)  # never scaled down
+
+
+def test_the_measured_prefill_runs_heads_on_the_last_position_as_a_decoder_does(gpt2, monkeypatch):
+    """All positions through the head parts counted logits a decoder's prefill never makes (GPT-2 medium,
+    8 rows of 32: 174 MiB in flight, the 25% plan infeasible)."""
+    from hermes_ort.engine.feeds import synthetic_feed
+    from hermes_ort.format import manifest as manifest_io
+    from hermes_ort.planning import profiler
+
+    directory = gpt2[0]
+    manifest = manifest_io.load(directory)
+    seen = {}
+    original = profiler.prepare
+
+    def recording(where, stage, config, templates=None, batched=False):
+        prepared = original(where, stage, config, templates, batched)
+        run = prepared.run
+
+        def shapes_seen(tensors, into=None):
+            seen[stage.name] = {t.name: tensors[t.name].shape for t in stage.inputs}
+            return run(tensors)
+
+        prepared.run = shapes_seen
+        return prepared
+
+    monkeypatch.setattr(profiler, "prepare", recording)
+    profiler.prefill_bytes(directory, manifest, synthetic_feed(manifest, {"batch": 2, "sequence": 5, "past_sequence": 0}),
+                           show_progress=False)
+    heads = [s for s in manifest.stages if s.kind == "head"]
+    assert heads and all(shape[:2] == (2, 1) for s in heads for shape in seen[s.name].values() if len(shape) == 3)
+    assert seen["block_00"]["hidden.0"][:2] == (2, 5)
