@@ -190,3 +190,28 @@ def test_hashing_through_mappings_gives_the_files_sha256(tmp_path, size):
     path = tmp_path / "f.data"
     path.write_bytes(np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8).tobytes())
     assert page_cache.sha256_mapped(path) == page_cache.sha256_mapped(path, huge=False) == sha256_of(path)
+
+
+def test_a_prepacked_load_from_a_cold_cache_brings_a_block_back_in_huge_pages(exported, tmp_path):
+    """Its own session's read-ahead spans the file once: read weight by weight, the small tensors came in
+    through 4 KiB folios and took the file's huge pages with them (GPT-2 medium: 4 of 48 MiB left)."""
+    import shutil
+
+    from hermes_ort.engine import loading
+    from hermes_ort.engine.sessions import SessionConfig
+    from hermes_ort.engine.templates import Templates
+    from hermes_ort.format import manifest as manifest_io
+
+    directory = tmp_path / "m"
+    shutil.copytree(exported("small-gpt2").directory, directory)
+    if not huge_page_cache_expected(directory):
+        pytest.skip(f"no huge pages in the page cache here ({file_system_of(directory)}, or THP off)")
+    manifest = manifest_io.load(directory)
+    stage = manifest.stage("block_03")
+    checked = Templates(directory, manifest)
+    assert [w for w in checked.canonical["block_03"].weights if w.length < 64 << 10], "small tensors in its file"
+    checked.integrity.stage(stage)  # checked this boot (stamped): the first-load check reads it no more
+    evict_all(directory)
+    loading.prepare(directory, stage, SessionConfig(intra_op_threads=1, prepacking=True),
+                    Templates(directory, manifest)).close()
+    assert huge_mapped_bytes(directory / "block_03.data") >= (directory / "block_03.data").stat().st_size // 2

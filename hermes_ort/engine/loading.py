@@ -51,10 +51,9 @@ def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates:
     if form is not None and config.prepacking and not form.looks_up_only:  # lookups have nothing to prepack
         form = None
     if form is None:
-        if templates is not None:  # just the byte ranges its weights occupy (a head part: its rows of wte);
-            for w in templates.canonical[stage.name].weights:  # embedding tables are looked up, not read
-                if not w.looked_up:
-                    read_ahead(directory / w.location, w.offset, w.length, w.location not in templates.tables)
+        if templates is not None:  # just the span its weights occupy (a head part: its rows of wte)
+            for location, (start, end) in spans(templates.canonical[stage.name].weights).items():
+                read_ahead(directory / location, start, end - start, location not in templates.tables)
         else:
             for file in stage.weights:
                 read_ahead(directory / file.path)
@@ -79,6 +78,19 @@ def in_layout(stage: StageSpec, weights: tuple[WeightRef, ...], templates: Templ
     refs = tuple(dataclasses.replace(w, location=p.location, offset=p.offset, length=p.length, shape=p.shape)
                  if (p := placed.get(w.input_name)) else w for w in weights)
     return refs, tuple(w.input_name for w in weights if w.input_name in placed and placed[w.input_name].transposed)
+
+
+def spans(weights) -> dict[str, tuple[int, int]]:
+    """By file, from the first to the last byte of the weights a stage reads in full (embedding tables are
+    looked up, not read). One read per file: read weight by weight from a cold cache, a block's small
+    tensors came in through 4 KiB folios, readahead around them too, and its file lost its huge pages
+    (GPT-2 medium block: 4 of 48 MiB in huge pages after a cold prepacked load)."""
+    found: dict[str, tuple[int, int]] = {}
+    for w in weights:
+        if not w.looked_up:
+            start, end = found.get(w.location, (w.offset, w.offset + w.length))
+            found[w.location] = (min(start, w.offset), max(end, w.offset + w.length))
+    return found
 
 
 def quick_to_create(config: SessionConfig, stage: StageSpec, templates: Templates | None) -> SessionConfig:
