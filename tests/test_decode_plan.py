@@ -100,6 +100,8 @@ def test_cli_profiles_and_plans_decoding(gpt2, tmp_path):
     profile = profiles.load(directory, profiles.DECODE_PROFILE_NAME)
     assert profile.feed == {"batch": 1, "sequence": 1, "past_sequence": 47}
     assert profile.prefill_sequence == 32 and profile.prefill_bytes > 0  # a 32-position prefill, measured
+    costs = [c for s in profile.stages for c in (s.plain, s.prepacked)]
+    assert all(0 <= c.held_bytes <= c.bytes and c.held_run_s > 0 for c in costs)  # what a resident stage keeps
     assert not (directory / profiles.PROFILE_NAME).exists()  # the single-pass profile is another file
     plan = subprocess.run([*hermes, "plan", str(directory), "--decode", "--budget", "1GiB", "--batch", "4"],
                           capture_output=True, text=True)

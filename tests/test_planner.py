@@ -2,7 +2,7 @@
 import pytest
 
 from hermes_ort.errors import BudgetError
-from hermes_ort.planning.planner import default_budgets, minimum_budget, plan, plan_table, simulate
+from hermes_ort.planning.planner import Rules, default_budgets, minimum_budget, plan, plan_table, simulate
 from hermes_ort.planning.profiles import Profile, StageCost, StageProfile
 
 MiB = 1 << 20
@@ -109,3 +109,40 @@ def test_each_resident_stage_is_charged_what_its_session_holds_beyond_the_profil
     held = sum((stages[n].prepacked if n in top.prepacked else stages[n].plain).bytes for n in top.resident)
     assert top.predicted_peak_bytes == (MODEL.base_bytes + MODEL.transient_bytes + held
                                         + len(top.resident) * RESIDENT_SESSION_BYTES)
+
+
+def decode_block(name, held=True):
+    """A GPT-2 medium-like block at one row: prepacking peaks 63 MiB while created and holds 48 as plain
+    does; its first run is slower, a later one as fast as plain (as a profile times it alone)."""
+    plain = StageCost(0.008, 0.004, 0.0045, 48 * MiB, 48 * MiB if held else -1, 0.0044 if held else -1)
+    packed = StageCost(0.13, 0.10, 0.0049, 63 * MiB, 48 * MiB if held else -1, 0.0044 if held else -1)
+    return StageProfile(name, 48 * MiB, plain, packed)
+
+
+DECODER = profile(*[decode_block(f"block_{i:02d}") for i in range(8)])
+DECODING = Rules(first_slack=None, max_loaders=1, contended=True, min_window=2, prepack_resident=True)
+
+
+def test_resident_prepacked_stages_are_charged_what_they_hold_and_one_creation():
+    budget = int((50 + 2 + 8 * 48.25 + 15) * MiB / 0.97) + MiB // 2  # all resident (48 MiB + 256 KiB), one 15 MiB peak
+    p = plan(DECODER, budget, rules=DECODING)
+    assert len(p.resident) == 8 and set(p.prepacked) == set(p.resident)
+    assert p.predicted_peak_bytes <= 0.97 * budget
+    assert len(plan(DECODER, budget - 14 * MiB, rules=DECODING).prepacked) < 8  # no room for the creation peak
+    old = profile(*[decode_block(f"block_{i:02d}", held=False) for i in range(8)])  # profiles without held bytes
+    assert len(plan(old, budget, rules=DECODING).prepacked) < 8  # charged their 63 MiB peak each
+
+
+def test_decode_plans_keep_resident_stages_prepacked_where_single_passes_weigh_the_first_run():
+    budget = 800 * MiB
+    assert set(plan(DECODER, budget, rules=DECODING).prepacked) == {s.name for s in DECODER.stages}
+    single = plan(DECODER, budget)  # the default rules: prepacked loads make the first run 100 ms a block slower
+    assert len(single.resident) == 8 and not single.prepacked
+
+
+def test_a_resident_stage_is_timed_by_its_later_runs():
+    slow_first = profile(*[StageProfile(f"b{i}", 48 * MiB, StageCost(0.01, 0.004, 0.010, 48 * MiB, 48 * MiB, 0.004),
+                                        StageCost(0.1, 0.1, 0.010, 48 * MiB, 48 * MiB, 0.004)) for i in range(4)])
+    p = plan(slow_first, 800 * MiB, rules=DECODING)
+    assert len(p.resident) == 4 and p.predicted_steady_s == pytest.approx(4 * 0.004)
+    assert p.predicted_first_s >= 4 * 0.010

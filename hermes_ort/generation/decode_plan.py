@@ -99,7 +99,8 @@ def plan_generation(profile: Profile, layout: CacheLayout, manifest: Manifest, w
     first session, so it cannot follow the plan; per-session pools with spinning on fell to 1.2 tokens/s
     (29 pools spinning against each other)."""
     step = dataclasses.replace(profile, transient_bytes=in_flight_bytes(profile, layout, manifest, work))
-    rules = Rules(first_slack=None, max_loaders=max(1, profile.cores - 1), contended=True, min_window=2)
+    rules = Rules(first_slack=None, max_loaders=max(1, profile.cores - 1), contended=True, min_window=2,
+                  prepack_resident=True)
     return plan(step, budget, cold, kv_cache_bytes=layout.bytes(work.batch, work.max_length), rules=rules)
 
 

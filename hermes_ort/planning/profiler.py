@@ -22,7 +22,8 @@ def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: Sess
                   templates: Templates, batched: bool = False) -> tuple[StageCost, dict]:
     """bytes = the RSS the stage needs at its peak (while its session is created, prepacking holds the
     mapped and the packed weights at once) less what stays after it is destroyed (its outputs, the shared
-    arena's growth: counted once for the whole model)."""
+    arena's growth: counted once for the whole model); held_bytes = the same once it has run (what a
+    resident stage keeps)."""
     give_back()
     evict(directory, stage)
     exact_peak = reset_peak()
@@ -32,7 +33,10 @@ def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: Sess
     start = time.perf_counter()
     outputs = prepared.run(tensors)  # the first run of a fresh stage is what streaming pays every time
     run = time.perf_counter() - start
-    loaded = peak_rss() if exact_peak else rss()
+    start = time.perf_counter()
+    prepared.run(tensors)  # and a later one, what a resident stage pays
+    again = time.perf_counter() - start
+    loaded, steady = peak_rss() if exact_peak else rss(), rss()
     prepared.close()
     del prepared
     give_back()
@@ -43,7 +47,8 @@ def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: Sess
     prepared.close()
     del prepared
     give_back()
-    return StageCost(cold, warm, run, max(loaded - held, 0)), outputs
+    loaded = max(loaded, steady)  # the peak was read a moment before the RSS (a few KiB allocated between)
+    return StageCost(cold, warm, run, max(loaded - held, 0), max(steady - held, 0), again), outputs
 
 
 def disk_bandwidth(directory: Path, manifest: Manifest) -> float:

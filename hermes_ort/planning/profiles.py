@@ -22,6 +22,10 @@ class StageCost:
     load_warm_s: float
     run_s: float  # steady run, compute threads as profiled
     bytes: int
+    held_bytes: int = -1  # what it keeps once created and run: prepacking's peak holds the mapped and the
+    # packed weights at once, then lets the mapped ones go (-1: not measured, profiles before 2026-11-26)
+    held_run_s: float = -1.0  # a later run of the same session: what a resident stage pays (run_s is a
+    # fresh stage's first run, what streaming pays every time; -1: not measured)
 
 
 @dataclass(frozen=True)
