@@ -6,10 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-from .commands import cmd_batched, cmd_cache, cmd_convert, cmd_generate, cmd_quantize, cmd_warm
+from .commands import cmd_batched, cmd_cache, cmd_convert, cmd_generate, cmd_quantize, cmd_warm, print_generation_plan
 from .errors import HermesError
 from .format.manifest import weights_note
-from .engine.memory import available, format_bytes, parse_budget, peak_rss
+from .engine.memory import format_bytes, parse_budget, peak_rss
 
 
 def cmd_split(args) -> None:
@@ -76,31 +76,6 @@ def cmd_plan(args) -> None:
         print(plan_text(plan(profile, parse_budget(args.budget, manifest.bytes), args.cold)))
     else:
         print(plan_rows(plan_table(profile, default_budgets(profile), args.cold)))
-
-
-def print_generation_plan(args, manifest) -> None:
-    from .generation.decode_plan import Workload, decode_profile, measured_batches, plan_generation, with_batched_layout
-    from .generation.decoding import CacheLayout
-    from .planning.profiles import DECODE_PROFILE_NAME
-    from .planning.report import plan_text
-    from .session import HEADROOM
-    from .engine.templates import Templates
-
-    directory = Path(args.model_dir)
-    if not measured_batches(directory):
-        print(f"hermes: no {DECODE_PROFILE_NAME}: step times estimated from weight sizes; "
-              f"`hermes profile {directory} --decode` measures them", file=sys.stderr)
-    layout = CacheLayout.of(manifest)
-    work = Workload(args.batch, args.prompt, args.max_length or args.prompt + 256)
-    budget = parse_budget(args.budget, manifest.bytes) if args.budget else int(available() * HEADROOM)
-    templates = Templates(directory, manifest)
-    p = with_batched_layout(plan_generation(decode_profile(directory, manifest, templates, work.batch), layout,
-                                            manifest, work, budget, args.cold), templates, work.batch)
-    print(f"generation: batch {work.batch}, prompt {work.prompt}, up to {work.max_length} positions; KV cache at "
-          f"that length {format_bytes(layout.bytes(work.batch, work.max_length))} (inside the budget)")
-    print(plan_text(p))
-    print(f"predicted: {work.batch / p.predicted_steady_s:.1f} tokens/s (all rows) after the first step, "
-          f"peak {format_bytes(p.predicted_peak_bytes)}")
 
 
 def cmd_run(args) -> None:

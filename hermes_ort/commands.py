@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import HermesError
 from .format.manifest import weights_note
-from .engine.memory import format_bytes, parse_budget, peak_rss
+from .engine.memory import available, format_bytes, parse_budget, peak_rss
 
 
 def sampling_args(args) -> dict:
@@ -158,3 +158,28 @@ def cmd_warm(args) -> None:
     print(f"{args.model_dir}: {len(paths)} weight files ({format_bytes(sum(p.stat().st_size for p in paths))}) "
           f"read into the page cache in {time.perf_counter() - start:.1f} s, in huge pages but for lookup "
           f"tables: streamed stages map in a fraction of a millisecond")
+
+
+def print_generation_plan(args, manifest) -> None:
+    from .generation.decode_plan import Workload, decode_profile, measured_batches, plan_generation, with_batched_layout
+    from .generation.decoding import CacheLayout
+    from .planning.profiles import DECODE_PROFILE_NAME
+    from .planning.report import plan_text
+    from .session import HEADROOM
+    from .engine.templates import Templates
+
+    directory = Path(args.model_dir)
+    if not measured_batches(directory):
+        print(f"hermes: no {DECODE_PROFILE_NAME}: step times estimated from weight sizes; "
+              f"`hermes profile {directory} --decode` measures them", file=sys.stderr)
+    layout = CacheLayout.of(manifest)
+    work = Workload(args.batch, args.prompt, args.max_length or args.prompt + 256)
+    budget = parse_budget(args.budget, manifest.bytes) if args.budget else int(available() * HEADROOM)
+    templates = Templates(directory, manifest)
+    p = with_batched_layout(plan_generation(decode_profile(directory, manifest, templates, work.batch), layout,
+                                            manifest, work, budget, args.cold), templates, work.batch)
+    print(f"generation: batch {work.batch}, prompt {work.prompt}, up to {work.max_length} positions; KV cache at "
+          f"that length {format_bytes(layout.bytes(work.batch, work.max_length))} (inside the budget)")
+    print(plan_text(p))
+    print(f"predicted: {work.batch / p.predicted_steady_s:.1f} tokens/s (all rows) after the first step, "
+          f"peak {format_bytes(p.predicted_peak_bytes)}")

@@ -6,7 +6,6 @@ import shutil
 import warnings
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -14,7 +13,6 @@ from onnx import TensorProto, helper
 import hermes_ort
 from hermes_ort.__main__ import main as hermes
 from hermes_ort.engine import loading
-from hermes_ort.engine.templates import Templates
 from hermes_ort.errors import StageError
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.format.batched_layout import LAYOUT_DIR, load_layout

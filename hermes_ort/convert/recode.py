@@ -59,10 +59,6 @@ def recode(model: onnx.ModelProto, weights: dict[str, np.ndarray], bits: int, bl
     graph.node.extend(nodes)
 
 
-def accuracy_level(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
-
-
 def replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray | None) -> None:
     """Set (or with None, remove) the initializer called `name`, touching no other (they hold the weights)."""
     inits = model.graph.initializer
