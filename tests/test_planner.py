@@ -146,3 +146,11 @@ def test_a_resident_stage_is_timed_by_its_later_runs():
     p = plan(slow_first, 800 * MiB, rules=DECODING)
     assert len(p.resident) == 4 and p.predicted_steady_s == pytest.approx(4 * 0.004)
     assert p.predicted_first_s >= 4 * 0.010
+
+
+def test_a_noisy_profile_does_not_talk_a_decode_plan_out_of_prepacked_resident_stages():
+    """Packed and plain are timed at different moments; a prepacked resident stage is timed as no slower."""
+    noisy = profile(*[StageProfile(f"b{i}", 48 * MiB, StageCost(0.008, 0.004, 0.011, 48 * MiB, 48 * MiB, 0.0107),
+                                   StageCost(0.13, 0.10, 0.011, 63 * MiB, 48 * MiB, 0.0153)) for i in range(4)])
+    p = plan(noisy, 800 * MiB, rules=DECODING)
+    assert len(p.prepacked) == 4 and p.predicted_steady_s == pytest.approx(4 * 0.0107)
