@@ -160,3 +160,29 @@ def test_the_measured_prefill_runs_heads_on_the_last_position_as_a_decoder_does(
     heads = [s for s in manifest.stages if s.kind == "head"]
     assert heads and all(shape[:2] == (2, 1) for s in heads for shape in seen[s.name].values() if len(shape) == 3)
     assert seen["block_00"]["hidden.0"][:2] == (2, 5)
+
+
+def test_the_measured_prefill_leaves_the_kv_cache_to_the_plan(gpt2, monkeypatch):
+    """The prompt's keys and values are the KV cache, counted at its maximum length beside this: stages
+    that return 8 MiB presents (untouched zeros: no RSS of their own) and small hidden states hold little."""
+    from hermes_ort.engine.feeds import synthetic_feed
+    from hermes_ort.planning import profiler
+
+    directory = gpt2[0]
+    manifest = manifest_io.load(directory)
+
+    class Returns:
+        def __init__(self, stage):
+            self.stage = stage
+
+        def run(self, tensors, into=None):
+            shape = lambda t: (1, 4, (2 << 20) // 4) if t.name.startswith("present.") else (1, 4, 64)
+            return {t.name: np.zeros(shape(t), np.float32) for t in self.stage.outputs}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(profiler, "prepare", lambda directory, stage, *args, **kwargs: Returns(stage))
+    feed = synthetic_feed(manifest, {"batch": 1, "sequence": 4, "past_sequence": 0})
+    held = profiler.prefill_bytes(directory, manifest, feed, show_progress=False)
+    assert held < 1 << 20  # the presents (4 x 8 MiB by the last block) are not counted
