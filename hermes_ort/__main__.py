@@ -48,7 +48,7 @@ def cmd_profile(args) -> None:
     sizes = decode_axes(args, manifest) if args.decode else axes(args)
     batched = args.decode and args.batch > 1 and load_layout(Path(args.model_dir), manifest) is not None
     profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, sizes), sizes, args.threads,
-                            batched=batched)
+                            batched=batched, decoding=args.decode)
     if args.decode:
         prompt = {"batch": args.batch, "sequence": args.prompt, "past_sequence": 0}
         held = prefill_bytes(Path(args.model_dir), manifest, synthetic_feed(manifest, prompt), args.threads)

@@ -174,10 +174,10 @@ def test_a_decode_profile_of_several_rows_measures_the_batched_layout(model, mon
     seen = set()
     original = profiler.prepare
 
-    def recording(directory, stage, config, templates=None, batched=False):
+    def recording(directory, stage, config, templates=None, batched=False, decoding=False):
         if not config.prepacking:
             seen.add(batched)
-        return original(directory, stage, config, templates, batched)
+        return original(directory, stage, config, templates, batched, decoding)
 
     monkeypatch.setattr(profiler, "prepare", recording)
     assert hermes(["profile", str(model), "--decode", "--batch", str(batch), "--max-length", "16", "--prompt", "4"]) == 0

@@ -143,8 +143,8 @@ def test_the_measured_prefill_runs_heads_on_the_last_position_as_a_decoder_does(
     seen = {}
     original = profiler.prepare
 
-    def recording(where, stage, config, templates=None, batched=False):
-        prepared = original(where, stage, config, templates, batched)
+    def recording(where, stage, config, templates=None, batched=False, decoding=False):
+        prepared = original(where, stage, config, templates, batched, decoding)
         run = prepared.run
 
         def shapes_seen(tensors, into=None):

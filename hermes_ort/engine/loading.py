@@ -17,7 +17,7 @@ from ..errors import StageError
 from ..format.manifest import StageSpec
 from ..format.page_cache import bring_in
 from .sessions import SessionConfig, open_stage
-from .templates import MappedWeights, OwnedStage, Templates, TemplateStage, WeightRef
+from .templates import MappedWeights, OwnedStage, Templates, TemplateStage, WeightRef, read_spans
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -40,19 +40,19 @@ def read_ahead(path: Path, start: int = 0, length: int | None = None, huge: bool
 
 
 def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates: Templates | None = None,
-            batched: bool = False):
+            batched: bool = False, decoding: bool = False):
     """A stage ready to run. Through a shared template (weights mapped and populated here) when another
-    stage shares its graph and it is not prepacked, with its matrices transposed when `batched` and the
+    stage shares its graph (`decoding`: whenever it can, Templates.form_for) and it is not prepacked, with its matrices transposed when `batched` and the
     model has a batched layout; else its own session, files read ahead first (ORT releases the GIL while
     it creates it)."""
     if templates is not None:
         templates.integrity.stage(stage)  # reads the files whole once: also a read-ahead of them
-    form = templates.forms.get(stage.name) if templates is not None else None
+    form = templates.form_for(stage.name, decoding) if templates is not None else None
     if form is not None and config.prepacking and not form.looks_up_only:  # lookups have nothing to prepack
         form = None
     if form is None:
         if templates is not None:  # just the span its weights occupy (a head part: its rows of wte)
-            for location, (start, end) in spans(templates.canonical[stage.name].weights).items():
+            for location, (start, end) in read_spans(templates.canonical[stage.name].weights).items():
                 read_ahead(directory / location, start, end - start, location not in templates.tables)
         else:
             for file in stage.weights:
@@ -63,7 +63,8 @@ def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates:
         weights = MappedWeights(directory, refs, templates.tables)
     except (OSError, ValueError) as e:  # a missing or truncated data file
         raise StageError(f"{stage.describe()}: cannot map its weights: {e}") from e
-    return TemplateStage(stage, form, templates.session(form, config, transposed), weights, batched)
+    return TemplateStage(stage, form, templates.session(form, config, transposed), weights, batched,
+                         steps_only=stage.name not in templates.forms)
 
 
 def in_layout(stage: StageSpec, weights: tuple[WeightRef, ...], templates: Templates):
@@ -78,19 +79,6 @@ def in_layout(stage: StageSpec, weights: tuple[WeightRef, ...], templates: Templ
     refs = tuple(dataclasses.replace(w, location=p.location, offset=p.offset, length=p.length, shape=p.shape)
                  if (p := placed.get(w.input_name)) else w for w in weights)
     return refs, tuple(w.input_name for w in weights if w.input_name in placed and placed[w.input_name].transposed)
-
-
-def spans(weights) -> dict[str, tuple[int, int]]:
-    """By file, from the first to the last byte of the weights a stage reads in full (embedding tables are
-    looked up, not read). One read per file: read weight by weight from a cold cache, a block's small
-    tensors came in through 4 KiB folios, readahead around them too, and its file lost its huge pages
-    (GPT-2 medium block: 4 of 48 MiB in huge pages after a cold prepacked load)."""
-    found: dict[str, tuple[int, int]] = {}
-    for w in weights:
-        if not w.looked_up:
-            start, end = found.get(w.location, (w.offset, w.offset + w.length))
-            found[w.location] = (min(start, w.offset), max(end, w.offset + w.length))
-    return found
 
 
 def quick_to_create(config: SessionConfig, stage: StageSpec, templates: Templates | None) -> SessionConfig:

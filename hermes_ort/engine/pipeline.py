@@ -3,7 +3,7 @@ daemon destroys each streamed session as soon as its stage has run.
 
 A Pipeline is a context manager: its exit joins every thread and drops every session it made, on
 success, on error and on KeyboardInterrupt. It serves one pass over the stages, or (`cyclic`, for
-decoding) as many passes as `run()` is called, the loaders running ahead into the next pass: the window
+decoding: generation steps) as many passes as `run()` is called, the loaders running ahead into the next pass: the window
 wraps from the head back to block 0. Stages the plan keeps resident are handed to a `Resident` store
 that outlives the pipeline, so later passes and later pipelines skip them.
 """
@@ -42,11 +42,13 @@ class Resident:
     def names(self, manifest: Manifest) -> tuple[str, ...]:
         return tuple(manifest.stages[i].name for i in self.stages)
 
-    def keep_only(self, names: set[str], manifest: Manifest, batched: bool = False) -> None:
-        """Drops resident stages a new plan streams, so they do not count beside its window, and template
-        stages prepared for the other layout (a batched plan's after one row's, and back)."""
+    def keep_only(self, names: set[str], manifest: Manifest, batched: bool = False, decoding: bool = False) -> None:
+        """Drops resident stages a new plan streams, so they do not count beside its window, template
+        stages prepared for the other layout (a batched plan's after one row's, and back), and, before a
+        pass that is no generation, stages only a generation step runs through a template (a head part:
+        3x slower so at a pass's many positions)."""
         for i in [i for i, p in self.stages.items() if manifest.stages[i].name not in names
-                  or getattr(p, "batched", batched) != batched]:
+                  or getattr(p, "batched", batched) != batched or (getattr(p, "steps_only", False) and not decoding)]:
             self.stages.pop(i).close()
 
     def close(self) -> None:
@@ -84,7 +86,8 @@ class Pipeline:
                  tracer: Tracer | None = None, cyclic: bool = False):
         self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
         self.tracer = tracer or NullTracer()
-        resident.keep_only(set(plan.resident), manifest, plan.batched_layout)
+        resident.keep_only(set(plan.resident), manifest, plan.batched_layout, decoding=cyclic)
+        self.cyclic = cyclic
         count = range(len(manifest.stages))
         self.schedule = Schedule([i for i in count if i not in resident.stages],
                                  [i for i in count if plan.streams(manifest.stages[i].name)], cyclic)
@@ -188,7 +191,7 @@ class Pipeline:
                 with self.tracer.span(f"load {stage.name}", "load"):
                     config = stage_config(self.plan, stage, self.resident.log_severity)
                     prepared = loading.prepare(self.directory, stage, config, self.resident.templates,
-                                               self.plan.batched_layout)
+                                               self.plan.batched_layout, self.cyclic)
             except BaseException as e:  # reaches the caller through _prepared_for, named by stage
                 with self.cond:
                     self.error = e if isinstance(e, HermesError) else StageError(

@@ -24,7 +24,7 @@ from ..format.integrity import FirstLoadCheck
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
 from ..format.batched_layout import BatchedLayout, load_layout
-from ..format.page_cache import looked_up_files, map_populated
+from ..format.page_cache import HUGE_PAGE, looked_up_files, map_populated
 from ..graphs.transposed import rewrite
 from .sessions import SessionConfig, run_session, run_stage, session_options
 
@@ -164,8 +164,8 @@ def retyped(value: onnx.ValueInfoProto, rename: dict[str, str]) -> onnx.ValueInf
 class Templates:
     """The canonical form of every stage whose graph another stage shares, or whose weights are only looked
     up, and their sessions (made once, on first use, by whichever loading agent needs them first).
-    GPT-2's head parts stay out: their Gemm(transB=1) ran 3x slower with the weight as an input (hermes
-    profile, gpt2-medium). Embedding tables come in as inputs so that the pages a lookup maps can be let
+    GPT-2's head parts stay out of a pass: their Gemm(transB=1) ran 3x slower with the weight as an input
+    at 128 positions (hermes profile, gpt2-medium); generation steps take them in (form_for). Embedding tables come in as inputs so that the pages a lookup maps can be let
     go after every run (MappedWeights.release_lookups)."""
 
     def __init__(self, directory: Path, manifest: Manifest):
@@ -186,6 +186,17 @@ class Templates:
         self.sessions: dict[str, ort.InferenceSession] = {}  # by graph key, thread count and layout
         self.lock = threading.Lock()
         self._batched: BatchedLayout | None | bool = False  # False: not read yet
+
+    def form_for(self, name: str, decoding: bool = False) -> Canonical | None:
+        """The stage's template, if it runs through one. A generation step also runs a graph no other stage
+        shares (GPT-2's head parts) through a template of its own, made once: streamed with a session of
+        its own, each load created one (GPT-2 medium head part: 14-18 ms, on the loader's CPU). At a
+        step's few rows, Gemm(transB=1) with its weight as an input runs as fast as prepacked (MLAS's
+        one-row kernel: 3.1 against 3.1 ms); a 4-bit MatMulNBits still needs its initializer."""
+        form = self.forms.get(name)
+        if form is None and decoding and self.canonical[name].weights and not self.canonical[name].quantized:
+            form = self.canonical[name]
+        return form
 
     def session(self, form: Canonical, config: SessionConfig, transposed: tuple[str, ...] = ()) -> ort.InferenceSession:
         """One session per graph, thread count (a generation plan may run fewer threads than a pass) and
@@ -221,16 +232,23 @@ class MappedWeights:
     def __init__(self, directory: Path, weights: tuple[WeightRef, ...],
                  tables: frozenset[str] | set[str] = frozenset()):
         self.maps: dict[str, mmap.mmap] = {}
+        self.starts: dict[str, int] = {}  # the file offset each mapping begins at
         self.lookups: list[mmap.mmap] = []
+        read = read_spans(weights)
         for location in dict.fromkeys(w.location for w in weights):
-            lookup_only = all(w.looked_up for w in weights if w.location == location)
             with open(directory / location, "rb") as f:  # tables: files looked up elsewhere, kept in small pages
-                self.maps[location] = (mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-                                       if lookup_only else map_populated(f.fileno(), 0, 0, location not in tables))
-            if lookup_only:
-                self.lookups.append(self.maps[location])
-        self.arrays = {w.input_name: np.frombuffer(self.maps[w.location], np.uint8, w.length, w.offset).view(
-            w.dtype).reshape(w.shape) for w in weights}
+                if location not in read:
+                    self.maps[location] = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                    self.lookups.append(self.maps[location])
+                    self.starts[location] = 0
+                    continue
+                start, end = read[location]
+                start -= start % HUGE_PAGE  # keeps file offsets and addresses huge-page aligned alike
+                self.maps[location] = map_populated(f.fileno(), end - start, start, location not in tables)
+                self.starts[location] = start
+        self.arrays = {w.input_name: np.frombuffer(self.maps[w.location], np.uint8, w.length,
+                                                   w.offset - self.starts[w.location]).view(w.dtype).reshape(w.shape)
+                       for w in weights}
 
     def release_lookups(self) -> None:
         """Unmaps the pages lookups touched (the page cache keeps them; the next lookup maps them again)."""
@@ -245,13 +263,28 @@ class MappedWeights:
         self.lookups.clear()
 
 
+def read_spans(weights) -> dict[str, tuple[int, int]]:
+    """By file, from the first to the last byte of the weights a stage reads in full (embedding tables are
+    looked up, not read): what a load maps or reads, once per file. Read weight by weight from a cold
+    cache, a block's small tensors came in through 4 KiB folios and its file lost its huge pages (GPT-2
+    medium: 4 of 48 MiB left huge). A GPT-2 head part reads a quarter of the tied token table's file:
+    mapping the whole file populated took 21 ms, against its own rows."""
+    found: dict[str, tuple[int, int]] = {}
+    for w in weights:
+        if not w.looked_up:
+            start, end = found.get(w.location, (w.offset, w.offset + w.length))
+            found[w.location] = (min(start, w.offset), max(end, w.offset + w.length))
+    return found
+
+
 class TemplateStage:
     """A prepared stage run through its shared template session."""
 
     def __init__(self, stage: StageSpec, form: Canonical, session: ort.InferenceSession, weights: MappedWeights,
-                 batched: bool = False):
+                 batched: bool = False, steps_only: bool = False):
         self.stage, self.form, self.session, self.weights = stage, form, session, weights
         self.batched = batched  # prepared for a batched plan (format/batched_layout.py)
+        self.steps_only = steps_only  # a template for generation steps only (Templates.form_for)
 
     def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         feed = {f"in_{k}": tensors[name] for k, name in enumerate(self.form.inputs)} | self.weights.arrays

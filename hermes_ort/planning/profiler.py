@@ -19,7 +19,7 @@ from ..engine.templates import Templates
 
 
 def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: SessionConfig,
-                  templates: Templates, batched: bool = False) -> tuple[StageCost, dict]:
+                  templates: Templates, batched: bool = False, decoding: bool = False) -> tuple[StageCost, dict]:
     """bytes = the RSS the stage needs at its peak (while its session is created, prepacking holds the
     mapped and the packed weights at once) less what stays after it is destroyed (its outputs, the shared
     arena's growth: counted once for the whole model); held_bytes = the same once it has run (what a
@@ -28,7 +28,7 @@ def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: Sess
     evict(directory, stage)
     exact_peak = reset_peak()
     start = time.perf_counter()
-    prepared = prepare(directory, stage, config, templates, batched)
+    prepared = prepare(directory, stage, config, templates, batched, decoding)
     cold = time.perf_counter() - start
     start = time.perf_counter()
     outputs = prepared.run(tensors)  # the first run of a fresh stage is what streaming pays every time
@@ -42,7 +42,7 @@ def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: Sess
     give_back()
     held = rss()
     start = time.perf_counter()
-    prepared = prepare(directory, stage, config, templates, batched)
+    prepared = prepare(directory, stage, config, templates, batched, decoding)
     warm = time.perf_counter() - start
     prepared.close()
     del prepared
@@ -65,8 +65,10 @@ def disk_bandwidth(directory: Path, manifest: Manifest) -> float:
 
 
 def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarray], axes: dict,
-                  compute_threads: int | None = None, show_progress: bool = True, batched: bool = False) -> Profile:
-    """batched: templates read the batched layout (format/batched_layout.py), as plans for several rows do."""
+                  compute_threads: int | None = None, show_progress: bool = True, batched: bool = False,
+                  decoding: bool = False) -> Profile:
+    """batched: templates read the batched layout (format/batched_layout.py), as plans for several rows do;
+    decoding: stages run through templates where a generation step's plan runs them so."""
     cores = os.cpu_count() or 1
     threads = compute_threads or cores
     give_back()
@@ -76,7 +78,7 @@ def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
     templates = Templates(directory, manifest)
     for i, stage in progress(enumerate(manifest.stages), len(manifest.stages), "profile", show_progress):
         plain, outputs = measure_stage(directory, stage, tensors, SessionConfig(threads, False, False), templates,
-                                       batched)
+                                       batched, decoding)
         packed, _ = measure_stage(directory, stage, tensors, SessionConfig(threads, True, False), templates)
         stages.append(StageProfile(stage.name, stage.bytes, plain, packed))
         tensors = still_needed(tensors, outputs, last_use, i)
