@@ -20,12 +20,11 @@ class StageCost:
 
     load_cold_s: float  # files evicted from the page cache, then read ahead + session created
     load_warm_s: float
-    run_s: float  # steady run, compute threads as profiled
+    run_s: float  # a fresh stage's first run after a load from the page cache (what streaming pays)
     bytes: int
     held_bytes: int = -1  # what it keeps once created and run: prepacking's peak holds the mapped and the
     # packed weights at once, then lets the mapped ones go (-1: not measured, profiles before 2026-11-26)
-    held_run_s: float = -1.0  # a later run of the same session: what a resident stage pays (run_s is a
-    # fresh stage's first run, what streaming pays every time; -1: not measured)
+    held_run_s: float = -1.0  # a later run of the same session: what a resident stage pays (-1: not measured)
 
 
 @dataclass(frozen=True)
