@@ -110,6 +110,21 @@ def test_hermes_warm_recaches_every_weight_file_and_keeps_the_token_table_small(
     assert "in huge pages" in capsys.readouterr().out
 
 
+def test_hermes_warm_recaches_the_batched_layout_too(exported, tmp_path, monkeypatch):
+    """Batched plans map the layout's files every step: they must come back in huge pages as well."""
+    import shutil
+
+    directory = tmp_path / "tiny"
+    shutil.copytree(exported("tiny-gpt2").directory, directory)
+    assert hermes(["batched", str(directory)]) == 0
+    seen = {}
+    monkeypatch.setattr(page_cache, "recache", lambda path, huge=True: seen.setdefault(path.relative_to(directory), huge))
+    assert hermes(["warm", str(directory)]) == 0
+    layout = {p.relative_to(directory) for p in (directory / "batched").glob("*.data")}
+    assert layout and all(seen.get(p) is True for p in layout)
+    assert {p.relative_to(directory) for p in directory.glob("*.data")} <= set(seen)
+
+
 def test_a_small_recache_leaves_small_pages(tmp_path):
     if not huge_page_cache_expected(tmp_path):
         pytest.skip(f"no huge pages in the page cache here ({file_system_of(tmp_path)}, or THP off)")
