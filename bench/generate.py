@@ -165,8 +165,7 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
     manifest = manifest_io.load(directory)
     prepare_whole(directory, manifest)
     warm(directory, manifest)  # the page cache as hermes leaves it (export, hermes warm): huge pages
-    if max(batches) > 1:
-        batched_layout(directory, manifest)
+    batched_layout(directory, manifest)
     bandwidth = page_cache_bandwidth(directory, manifest)
     records = []
     for batch in batches:
@@ -190,8 +189,8 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
 
 
 def batched_layout(directory: Path, manifest) -> None:
-    """Batched rows read the streamed matrices transposed, as after `hermes batched DIR` (written here once
-    when the model has none, and said so)."""
+    """Decoding reads the template stages' matrices transposed, as after `hermes batched DIR` (written here
+    once when the model has none, and said so)."""
     from hermes_ort.engine.templates import Templates
     from hermes_ort.format.batched_layout import LAYOUT_DIR, load_layout, write_layout
 

@@ -46,7 +46,7 @@ def cmd_profile(args) -> None:
 
     manifest = manifest_io.load(args.model_dir)
     sizes = decode_axes(args, manifest) if args.decode else axes(args)
-    batched = args.decode and args.batch > 1 and load_layout(Path(args.model_dir), manifest) is not None
+    batched = args.decode and load_layout(Path(args.model_dir), manifest) is not None
     profile = profile_model(Path(args.model_dir), manifest, synthetic_feed(manifest, sizes), sizes, args.threads,
                             batched=batched, decoding=args.decode)
     if args.decode:

@@ -145,7 +145,7 @@ def cmd_batched(args) -> None:
     matrices = sum(p.transposed for placed in layout.stages.values() for p in placed)
     print(f"{directory / LAYOUT_DIR}: {matrices} matrices of {len(layout.stages)} "
           f"stages transposed ({format_bytes(sum(f.bytes for f in layout.files))}) in "
-          f"{time.perf_counter() - start:.1f} s; generations of several rows read them")
+          f"{time.perf_counter() - start:.1f} s; generations read them")
 
 
 def cmd_warm(args) -> None:
@@ -161,7 +161,7 @@ def cmd_warm(args) -> None:
 
 
 def print_generation_plan(args, manifest) -> None:
-    from .generation.decode_plan import Workload, decode_profile, measured_batches, plan_generation, with_batched_layout
+    from .generation.decode_plan import Workload, decode_profile, has_transposed_layout, measured_batches, plan_generation
     from .generation.decoding import CacheLayout
     from .planning.profiles import DECODE_PROFILE_NAME
     from .planning.report import plan_text
@@ -176,8 +176,8 @@ def print_generation_plan(args, manifest) -> None:
     work = Workload(args.batch, args.prompt, args.max_length or args.prompt + 256)
     budget = parse_budget(args.budget, manifest.bytes) if args.budget else int(available() * HEADROOM)
     templates = Templates(directory, manifest)
-    p = with_batched_layout(plan_generation(decode_profile(directory, manifest, templates, work.batch), layout,
-                                            manifest, work, budget, args.cold), templates, work.batch)
+    p = plan_generation(decode_profile(directory, manifest, templates, work.batch), layout, manifest, work, budget,
+                        args.cold, has_transposed_layout(templates))
     print(f"generation: batch {work.batch}, prompt {work.prompt}, up to {work.max_length} positions; KV cache at "
           f"that length {format_bytes(layout.bytes(work.batch, work.max_length))} (inside the budget)")
     print(plan_text(p))

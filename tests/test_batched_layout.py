@@ -17,7 +17,8 @@ from hermes_ort.errors import StageError
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.format.batched_layout import LAYOUT_DIR, load_layout
 from hermes_ort.generation.decode_plan import Workload
-from hermes_ort.graphs.transposed import rewrite, transposable
+from hermes_ort.generation.decoding import CacheLayout
+from hermes_ort.graphs.transposed import rewrite, rewrite_one_row, transposable
 from hermes_ort.planning.planner import Plan
 
 NEW = 8
@@ -69,9 +70,13 @@ def test_gemm_and_matmul_rewritten_give_the_same_outputs():
     x = rng.standard_normal((3, 4, 8), np.float32)
     run = lambda m, feed: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feed)[0]
     want = run(model.SerializeToString(), {"x": x, "w1": w1, "c": c, "w2": w2})
-    got = run(rewrite(model.SerializeToString(), names), {"x": x, "w1": w1.T.copy(), "c": c, "w2": w2.T.copy()})
+    transposed = {"x": x, "w1": w1.T.copy(), "c": c, "w2": w2.T.copy()}
+    got = run(rewrite(model.SerializeToString(), names), transposed)
     assert got.shape == want.shape == (3, 4, 5)
     np.testing.assert_allclose(got, want, atol=1e-5)
+    one_row = rewrite_one_row(model.SerializeToString(), names)  # x (W^T)^T: right at any rows, fast at one
+    np.testing.assert_allclose(run(one_row, transposed), want, atol=1e-5)
+    np.testing.assert_allclose(run(one_row, transposed | {"x": x[:, :1]}), want[:, :1], atol=1e-5)
 
 
 def test_a_weight_read_otherwise_too_is_left_as_stored():
@@ -106,24 +111,61 @@ def test_batched_generation_reads_the_transposed_files_and_gives_the_same_tokens
             np.testing.assert_array_equal(hermes_ort.generate(session, alone, NEW)[0, -NEW:], got[row, -NEW:])
 
 
-def test_only_plans_for_several_rows_use_the_layout(model):
+def test_generation_plans_use_the_layout_where_the_model_has_one(model):
+    """And one row then prepacks nothing: its one-row sessions on the layout run faster plain."""
     with hermes_ort.InferenceSession(model, memory_budget="2GiB") as session:
-        assert not session.generation_plan(Workload(1, 7, 7 + NEW)).batched_layout
+        one = session.generation_plan(Workload(1, 7, 7 + NEW))
+        assert one.batched_layout and one.resident and not one.prepacked
         assert session.generation_plan(Workload(3, 7, 7 + NEW)).batched_layout
     shutil.rmtree(model / LAYOUT_DIR)
     with hermes_ort.InferenceSession(model, memory_budget="2GiB") as session:
         assert not session.generation_plan(Workload(3, 7, 7 + NEW)).batched_layout
+        assert session.generation_plan(Workload(1, 7, 7 + NEW)).prepacked  # as stored, prepacked runs faster
+
+
+def test_one_row_runs_through_its_own_session_and_gives_the_same_logits(model, monkeypatch):
+    """A stage reading the layout runs one row as x (W^T)^T (MLAS's one-row kernel), more rows as
+    (W^T x^T)^T: a one-row step and a 7-position prefill each take the session their rows need."""
+    from hermes_ort.engine.templates import TemplateStage
+
+    chosen, session_for = [], TemplateStage.session_for
+
+    def recording(self, tensors):
+        picked = session_for(self, tensors)
+        if self.stage.kind == "block":
+            chosen.append(picked is self.one_row)
+        return picked
+
+    monkeypatch.setattr(TemplateStage, "session_for", recording)
+    ids = prompts()[0][:1]
+    want = generated_alone(model, ids, streamed(False))
+    assert chosen and not any(chosen)  # as stored: no one-row session
+    chosen.clear()
+    got = generated_alone(model, ids, streamed(True))
+    np.testing.assert_array_equal(got, want)
+    assert chosen[:2] == [False, False] and chosen[2:] and all(chosen[2:])  # 2 blocks' prefill, then steps
+
+
+def generated_alone(directory, ids, plan):
+    with hermes_ort.InferenceSession(directory, plan_override=plan) as session:
+        return hermes_ort.generate(session, ids, NEW)
 
 
 def test_resident_template_stages_follow_the_plans_layout(model):
-    """A session that decoded three rows and then one keeps no stage prepared for the other layout."""
+    """A session that decoded (reading the layout) and then ran a pass (as stored) keeps no stage prepared
+    for the other layout, and back."""
+    ids = prompts()[0][:1]
+    feed = {"input_ids": ids, "position_ids": np.arange(7)[None], "attention_mask": np.ones_like(ids),
+            **CacheLayout.of(manifest_io.load(model)).empty(1)}
     with hermes_ort.InferenceSession(model, memory_budget="2GiB") as session:
-        three = hermes_ort.generate(session, *prompts()[:1], NEW)
-        layouts = {getattr(p, "batched", None) for p in session._resident.stages.values()}
-        assert True in layouts
-        one = hermes_ort.generate(session, prompts()[0][:1], NEW)
+        before = session.run(["logits"], feed)[0]
+        first = hermes_ort.generate(session, ids, NEW)
+        assert True in {getattr(p, "batched", None) for p in session._resident.stages.values()}
+        after = session.run(["logits"], feed)[0]
         assert True not in {getattr(p, "batched", None) for p in session._resident.stages.values()}
-    np.testing.assert_array_equal(one[0], three[0])
+        again = hermes_ort.generate(session, ids, NEW)
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_allclose(after, before, atol=1e-5)
 
 
 def test_a_layout_made_from_other_weights_is_not_used(model):
@@ -164,11 +206,11 @@ def test_cli_writes_and_removes_the_layout(model, capsys):
     assert hermes(["batched", str(model)]) == 0
     assert "8 matrices of 2 stages transposed" in capsys.readouterr().out
     assert hermes(["plan", str(model), "--decode", "--batch", "3", "--budget", "1GiB"]) == 0
-    assert "batched layout: streamed matrices read transposed" in capsys.readouterr().out
+    assert "batched layout: template stages read their matrices transposed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("batch, reads_layout", [(1, False), (2, True)])
-def test_a_decode_profile_of_several_rows_measures_the_batched_layout(model, monkeypatch, batch, reads_layout):
+@pytest.mark.parametrize("batch, reads_layout", [(1, True), (2, True), (2, False)])
+def test_a_decode_profile_measures_the_batched_layout_where_there_is_one(model, monkeypatch, batch, reads_layout):
     from hermes_ort.planning import profiler
 
     seen = set()
@@ -180,6 +222,8 @@ def test_a_decode_profile_of_several_rows_measures_the_batched_layout(model, mon
         return original(directory, stage, config, templates, batched, decoding)
 
     monkeypatch.setattr(profiler, "prepare", recording)
+    if not reads_layout:
+        assert hermes(["batched", str(model), "--remove"]) == 0
     assert hermes(["profile", str(model), "--decode", "--batch", str(batch), "--max-length", "16", "--prompt", "4"]) == 0
     assert seen == {reads_layout}
 

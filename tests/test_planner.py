@@ -1,4 +1,5 @@
 """The planner is pure: table rows in, plans out."""
+import dataclasses
 import pytest
 
 from hermes_ort.errors import BudgetError
@@ -154,3 +155,15 @@ def test_a_noisy_profile_does_not_talk_a_decode_plan_out_of_prepacked_resident_s
                                    StageCost(0.13, 0.10, 0.011, 63 * MiB, 48 * MiB, 0.0153)) for i in range(4)])
     p = plan(noisy, 800 * MiB, rules=DECODING)
     assert len(p.prepacked) == 4 and p.predicted_steady_s == pytest.approx(4 * 0.0107)
+
+
+def test_rules_without_prepacking_prepack_nothing_even_where_it_would_pay():
+    """One-row steps on the transposed layout run faster plain: a plan under Rules(prepack=False) keeps the
+    same stages resident without prepacking any, resident or streamed."""
+    cheap_prepack = profile(*[StageProfile(f"b{i}", 48 * MiB, StageCost(0.01, 0.004, 0.010, 48 * MiB, 48 * MiB, 0.010),
+                                           StageCost(0.01, 0.004, 0.002, 48 * MiB, 48 * MiB, 0.002)) for i in range(6)])
+    rules = dataclasses.replace(DECODING, prepack_resident=False, prepack=False)
+    for budget, resident in ((800 * MiB, 6), (300 * MiB, 2)):  # all resident; base, window of 2, 2 resident
+        packed, plain = plan(cheap_prepack, budget, rules=DECODING), plan(cheap_prepack, budget, rules=rules)
+        assert packed.prepacked and not plain.prepacked
+        assert len(plain.resident) == resident

@@ -63,8 +63,9 @@ def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates:
         weights = MappedWeights(directory, refs, templates.tables)
     except (OSError, ValueError) as e:  # a missing or truncated data file
         raise StageError(f"{stage.describe()}: cannot map its weights: {e}") from e
+    one_row = templates.session(form, config, transposed, one_row=True) if transposed else None
     return TemplateStage(stage, form, templates.session(form, config, transposed), weights, batched,
-                         steps_only=stage.name not in templates.forms)
+                         steps_only=stage.name not in templates.forms, one_row=one_row)
 
 
 def in_layout(stage: StageSpec, weights: tuple[WeightRef, ...], templates: Templates):

@@ -44,7 +44,7 @@ class Resident:
 
     def keep_only(self, names: set[str], manifest: Manifest, batched: bool = False, decoding: bool = False) -> None:
         """Drops resident stages a new plan streams, so they do not count beside its window, template
-        stages prepared for the other layout (a batched plan's after one row's, and back), and, before a
+        stages prepared for the other layout (a pass's after a generation's, and back), and, before a
         pass that is no generation, stages only a generation step runs through a template (a head part:
         3x slower so at a pass's many positions)."""
         for i in [i for i, p in self.stages.items() if manifest.stages[i].name not in names

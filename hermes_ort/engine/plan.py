@@ -16,7 +16,7 @@ class Plan:
     predicted_first_s: float  # first run: every stage loaded once
     predicted_steady_s: float  # later runs: resident stages are already loaded
     predicted_peak_bytes: int
-    batched_layout: bool = False  # streamed template stages read their matrices transposed (several rows)
+    batched_layout: bool = False  # template stages read their matrices transposed (generation; `hermes batched`)
 
     def streams(self, name: str) -> bool:
         return name not in self.resident

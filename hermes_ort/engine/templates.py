@@ -25,7 +25,7 @@ from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
 from ..format.batched_layout import BatchedLayout, load_layout
 from ..format.page_cache import HUGE_PAGE, looked_up_files, map_populated
-from ..graphs.transposed import rewrite
+from ..graphs.transposed import rewrite, rewrite_one_row
 from .sessions import SessionConfig, run_session, run_stage, session_options
 
 
@@ -198,13 +198,16 @@ class Templates:
             form = self.canonical[name]
         return form
 
-    def session(self, form: Canonical, config: SessionConfig, transposed: tuple[str, ...] = ()) -> ort.InferenceSession:
+    def session(self, form: Canonical, config: SessionConfig, transposed: tuple[str, ...] = (),
+                one_row: bool = False) -> ort.InferenceSession:
         """One session per graph, thread count (a generation plan may run fewer threads than a pass) and
-        layout (`transposed`: the weight inputs it takes transposed, graphs/transposed.py)."""
-        key = f"{form.key}/{config.intra_op_threads}/{','.join(transposed)}"
+        layout (`transposed`: the weight inputs it takes transposed, read as one row needs them when
+        `one_row`, graphs/transposed.py)."""
+        key = f"{form.key}/{config.intra_op_threads}/{','.join(transposed)}/{'one' if one_row else 'rows'}"
         with self.lock:
             if key not in self.sessions:
-                model = rewrite(form.model, list(transposed)) if transposed else form.model
+                model = form.model if not transposed else (
+                    rewrite_one_row(form.model, list(transposed)) if one_row else rewrite(form.model, list(transposed)))
                 self.sessions[key] = ort.InferenceSession(model, session_options(config),
                                                           providers=["CPUExecutionProvider"])
             return self.sessions[key]
@@ -278,19 +281,31 @@ def read_spans(weights) -> dict[str, tuple[int, int]]:
 
 
 class TemplateStage:
-    """A prepared stage run through its shared template session."""
+    """A prepared stage run through its shared template session; reading the transposed layout, through the
+    session for one row when its input is one row (graphs/transposed.py)."""
 
     def __init__(self, stage: StageSpec, form: Canonical, session: ort.InferenceSession, weights: MappedWeights,
-                 batched: bool = False, steps_only: bool = False):
+                 batched: bool = False, steps_only: bool = False, one_row: ort.InferenceSession | None = None):
         self.stage, self.form, self.session, self.weights = stage, form, session, weights
-        self.batched = batched  # prepared for a batched plan (format/batched_layout.py)
+        self.batched = batched  # prepared for a plan reading the transposed layout (format/batched_layout.py)
         self.steps_only = steps_only  # a template for generation steps only (Templates.form_for)
+        self.one_row = one_row
+
+    def session_for(self, tensors: dict[str, np.ndarray]) -> ort.InferenceSession:
+        """The one-row session when the first float input (a block's hidden states [batch, sequence,
+        width]) is one row."""
+        if self.one_row is None:
+            return self.session
+        first = next((v for v in (tensors[n] for n in self.form.inputs) if np.issubdtype(v.dtype, np.floating)), None)
+        one = first is not None and first.ndim >= 2 and int(np.prod(first.shape[:-1])) == 1
+        return self.one_row if one else self.session
 
     def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         feed = {f"in_{k}": tensors[name] for k, name in enumerate(self.form.inputs)} | self.weights.arrays
         bound = {f"out_{k}": into[name] for k, name in enumerate(self.form.outputs) if name in (into or {})}
         try:
-            values = run_session(self.session, [f"out_{k}" for k in range(len(self.form.outputs))], feed, bound)
+            values = run_session(self.session_for(tensors), [f"out_{k}" for k in range(len(self.form.outputs))],
+                                 feed, bound)
         except Exception as e:  # ORT's runtime errors are pybind types without a common base
             raise StageError(f"{self.stage.describe()}: run failed: {e}") from e
         finally:

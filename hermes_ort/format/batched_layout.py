@@ -1,4 +1,4 @@
-"""`hermes batched DIR`: the model's streamed matrices written a second time, transposed, for batched decoding.
+"""`hermes batched DIR`: the model's template matrices written a second time, transposed, for decoding.
 
 Why and which matrices: graphs/transposed.py. DIR/batched/ holds a data file per stage with every weight it
 reads in full (matrices [N, K], the rest as they are: a stage maps that file only), each at a 64 KiB-aligned
@@ -6,7 +6,7 @@ offset, and index.json: the source files' sha256 (the layout is stale, and
 not used, once a source changes), where each stage's transposed weights lie, and every file's sha256 (checked
 on first load, as the manifest's files are). It is derived data: `--remove` deletes it, `hermes update`
 leaves it behind with the old version. Costs the streamed matrices' bytes again on disk; no more memory.
-Write it while no generation of several rows runs: loading agents open its files at every load.
+Write it while no generation runs: loading agents open its files at every load.
 """
 from __future__ import annotations
 

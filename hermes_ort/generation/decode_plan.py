@@ -86,8 +86,13 @@ def in_flight_bytes(profile: Profile, layout: CacheLayout, manifest: Manifest, w
 
 
 def plan_generation(profile: Profile, layout: CacheLayout, manifest: Manifest, work: Workload, budget: int,
-                    cold: bool = False) -> Plan:
+                    cold: bool = False, transposed: bool = False) -> Plan:
     """The fastest step plan that fits the budget beside the KV cache at work.max_length positions.
+    transposed: the model has the transposed layout (`hermes batched`; has_transposed_layout), which the
+    plan's template stages then read; one row reads it faster unprepacked (graphs/transposed.py), so a
+    one-row plan prepacks nothing (GPT-2 medium at 100%, one row, in rounds with the prepacked plan: 96.7 /
+    97.5 / 117.2 against 107.4 / 102.7 / 109.7 ms a step; and no prepacking's 63 MiB peak per block
+    created, nor its time before the first token).
 
     Loading agents leave a core to compute, and since a one-token step is too short to hide a load, loads
     are charged as taking their CPU from compute (planner.CONTENDED_LOAD), and the window keeps room for
@@ -99,14 +104,17 @@ def plan_generation(profile: Profile, layout: CacheLayout, manifest: Manifest, w
     first session, so it cannot follow the plan; per-session pools with spinning on fell to 1.2 tokens/s
     (29 pools spinning against each other)."""
     step = dataclasses.replace(profile, transient_bytes=in_flight_bytes(profile, layout, manifest, work))
+    one_row = transposed and work.batch == 1
     rules = Rules(first_slack=None, max_loaders=max(1, profile.cores - 1), contended=True, min_window=2,
-                  prepack_resident=True)
-    return plan(step, budget, cold, kv_cache_bytes=layout.bytes(work.batch, work.max_length), rules=rules)
+                  prepack_resident=not one_row, prepack=not one_row)
+    chosen = plan(step, budget, cold, kv_cache_bytes=layout.bytes(work.batch, work.max_length), rules=rules)
+    return dataclasses.replace(chosen, batched_layout=True) if transposed else chosen
 
 
-def with_batched_layout(chosen: Plan, templates: Templates, batch: int) -> Plan:
-    """Several rows read the streamed matrices transposed where the model has them so (`hermes batched`;
-    graphs/transposed.py): 8 rows of a GPT-2 medium block at 48 positions ran 15.1 ms with its matrices as
-    stored and 7.0 ms transposed; one row runs faster as stored."""
-    layout = templates.batched() if batch > 1 else None
-    return dataclasses.replace(chosen, batched_layout=True) if layout is not None and layout.stages else chosen
+def has_transposed_layout(templates: Templates) -> bool:
+    """Whether template stages can read their matrices transposed (`hermes batched`; graphs/transposed.py),
+    through one session for several rows and another for one: 8 rows of a GPT-2 medium block at 48
+    positions ran 15.1 ms with its matrices as stored and 7.0 ms transposed; one row 2.95-3.79 ms against
+    3.48-4.53 as stored and 3.26-4.13 prepacked."""
+    layout = templates.batched()
+    return layout is not None and bool(layout.stages)

@@ -1,14 +1,17 @@
-"""A template graph that takes its matrix weights transposed, for runs of several rows (batched decoding).
+"""A template graph that takes its matrix weights transposed, W^T stored [N, K] (format/batched_layout.py).
 
 A template takes its weights as inputs, so ORT cannot prepack them, and for more than one row MLAS packs
 an input matrix B on every call: a 1024 x 4096 MatMul at 8 rows took 5.27 ms, against 1.67 ms as
-(W^T x^T)^T with W^T stored [N, K], where the packed operand is the small x (2-core EPYC, interleaved medians).
-One row is the other way round (0.49 ms as x W through MLAS's GEMV, 1.47 ms transposed), so a model keeps
-both layouts and a plan picks one by its batch (format/batched_layout.py).
+(W^T x^T)^T, where the packed operand is the small x (2-core EPYC, interleaved medians): `rewrite`.
+One row reads the same bytes as x (W^T)^T, Gemm(transB=1) or FusedMatMul(transB=1), where MLAS's one-row
+kernel takes dot products along W^T's rows: a GPT-2 medium block at one row ran 2.95-3.79 ms so, against
+3.48-4.53 as exported (a GEMV along W's rows) and 3.26-4.13 prepacked, in three interleaved runs
+(`rewrite_one_row`). A stage reading the layout holds a session of each and runs the one its rows need.
 
 Rewritten here: Gemm(x, W, c) with transA = transB = 0 and a 1-D or no c, and MatMul(x, W) with W 2-D,
 where W is a weight input used by nothing else. Each becomes Gemm(W^T, x, transB=1) and a Transpose (a
-MatMul also reshapes x to rows and back).
+MatMul also reshapes x to rows and back); for one row, Gemm(x, W^T, transB=1) and FusedMatMul(x, W^T,
+transB=1).
 """
 from __future__ import annotations
 
@@ -50,13 +53,35 @@ def rewrite(template: bytes, names: list[str]) -> bytes:
             nodes += gemm_rewrite(node, k) if node.op_type == "Gemm" else matmul_rewrite(node, k, shape_of(graph, node.input[1]))
         else:
             nodes.append(node)
-    for value in graph.input:
-        if value.name in chosen:
-            dims = value.type.tensor_type.shape.dim
-            dims[0].dim_value, dims[1].dim_value = dims[1].dim_value, dims[0].dim_value
+    swap_declared_shapes(graph, chosen)
     graph.ClearField("node")
     graph.node.extend(nodes)
     return model.SerializeToString()
+
+
+def rewrite_one_row(template: bytes, names: list[str]) -> bytes:
+    """The template with each named weight input declared [N, K] and read as the transposed B of its Gemm
+    or of a FusedMatMul (ORT's MatMul with transB) in place of its MatMul."""
+    model = onnx.load_from_string(template)
+    graph, chosen = model.graph, set(names)
+    for node in graph.node:
+        if len(node.input) > 1 and node.input[1] in chosen:
+            if node.op_type == "MatMul":
+                node.op_type, node.domain = "FusedMatMul", "com.microsoft"
+            kept = [a for a in node.attribute if a.name != "transB"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("transB", 1)])
+    swap_declared_shapes(graph, chosen)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model.SerializeToString()
+
+
+def swap_declared_shapes(graph: onnx.GraphProto, names: set[str]) -> None:
+    for value in graph.input:
+        if value.name in names:
+            dims = value.type.tensor_type.shape.dim
+            dims[0].dim_value, dims[1].dim_value = dims[1].dim_value, dims[0].dim_value
 
 
 def shape_of(graph: onnx.GraphProto, name: str) -> tuple[int, int]:

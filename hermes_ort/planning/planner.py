@@ -36,6 +36,7 @@ class Rules:
     contended: bool = False  # loads take their CPU from compute (no core to spare): charge them serially
     min_window: int = 1  # narrower windows only when nothing else fits (decoding: 2, or no load overlaps)
     prepack_resident: bool = False  # of two equally fast plans, the one keeping its resident stages prepacked
+    prepack: bool = True  # False: no stage prepacked (one-row steps reading the transposed layout run faster plain)
 
 
 def cost(stage: StageProfile, prepacked: bool) -> StageCost:
@@ -73,7 +74,8 @@ def run_time(stage: StageProfile, prepacked: bool, resident: bool) -> float:
     before. A resident prepacked stage runs no slower than plain: the profile times the two settings at
     different moments of a noisy machine (the same GPT-2 large block: 10.7 ms plain, 15.3 prepacked, where
     prepacked blocks ran 7-10% faster in a step's chain), and ORT computes the same product from packed
-    weights that it packs on every call otherwise (or reads through a GEMV at one row)."""
+    weights that it packs on every call otherwise (or reads through a GEMV at one row). On the transposed
+    layout one row runs faster plain, and those plans prepack nothing (Rules.prepack)."""
     chosen = cost(stage, prepacked)
     if not resident:
         return chosen.run_s
@@ -104,29 +106,34 @@ def timings(profile: Profile, resident: set[str], prepacked: set[str], loaders: 
 
 
 def make_plan(profile: Profile, budget: int, loaders: int, window: int, cold: bool,
-              kv_cache_bytes: int = 0, contended: bool = False, prepack_resident: bool = False) -> Plan | None:
+              kv_cache_bytes: int = 0, contended: bool = False, prepack_resident: bool = False,
+              prepack: bool = True) -> Plan | None:
     """The plan with these knobs, the most useful resident set that fits (resident stages prepacked where
     they fit, or kept plain so more of them fit: whichever predicts faster), and prepacking where it pays;
     None if nothing fits. prepack_resident: of the two, prepacked when it predicts as fast. A profile times
     each stage alone, where a block's weights are partly in the L3 cache and prepacking gains nothing at
     one row; in a step's chain they come from memory, and GPT-2 medium at 100% decoded 7-10% faster with
     its resident stages prepacked (3 alternating rounds: 132 / 119 / 124 ms against 141 / 132 / 135 ms a
-    step), in the same memory once created (12 blocks: 600 against 595 MiB)."""
+    step), in the same memory once created (12 blocks: 600 against 595 MiB). prepack=False: nothing
+    prepacked (Rules.prepack)."""
     spare = usable(budget) - profile.base_bytes - profile.transient_bytes - kv_cache_bytes
     if window_bytes(profile, set(), window, set()) > spare:
         return None
     plans = []
-    for packed_first in (True, False):
+    for packed_first in (True, False) if prepack else (False,):
         resident, prepacked, used = pick_resident(profile, spare, cold,
                                                   lambda r: window_bytes(profile, r, window, set()), packed_first)
-        prepacked = prepack_where_faster(profile, resident, prepacked, spare - used, loaders, window, cold,
-                                         contended)
+        if prepack:
+            prepacked = prepack_where_faster(profile, resident, prepacked, spare - used, loaders, window, cold,
+                                             contended)
         first, steady = timings(profile, resident, prepacked, loaders, window, cold, contended)
         names = [s.name for s in profile.stages]
         peak = profile.base_bytes + profile.transient_bytes + kv_cache_bytes + used + window_bytes(
             profile, resident, window, prepacked)
         plans.append(Plan(budget, loaders, window, tuple(n for n in names if n in resident),
                           tuple(n for n in names if n in prepacked), profile.compute_threads, first, steady, peak))
+    if not prepack:
+        return plans[0]
     packed, plain = plans
     if prepack_resident and packed.predicted_steady_s <= plain.predicted_steady_s * (1 + NEAR):
         return packed
@@ -197,7 +204,7 @@ def plan(profile: Profile, budget: int, cold: bool = False, kv_cache_bytes: int 
             f"{format_bytes(profile.transient_bytes)}{cache} + largest stage "
             f"{format_bytes(max(s.plain.bytes for s in profile.stages))} + {MARGIN:.0%} margin")
     candidates = [make_plan(profile, budget, loaders, window, cold, kv_cache_bytes, rules.contended,
-                            rules.prepack_resident)
+                            rules.prepack_resident, rules.prepack)
                   for window in range(1, min(MAX_WINDOW, len(profile.stages)) + 1)
                   for loaders in range(1, min(window, rules.max_loaders or profile.cores) + 1)]
     feasible = [p for p in candidates if p]

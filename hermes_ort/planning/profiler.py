@@ -76,7 +76,7 @@ def disk_bandwidth(directory: Path, manifest: Manifest) -> float:
 def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarray], axes: dict,
                   compute_threads: int | None = None, show_progress: bool = True, batched: bool = False,
                   decoding: bool = False) -> Profile:
-    """batched: templates read the batched layout (format/batched_layout.py), as plans for several rows do;
+    """batched: templates read the batched layout (format/batched_layout.py), as generation plans do;
     decoding: stages run through templates where a generation step's plan runs them so."""
     cores = os.cpu_count() or 1
     threads = compute_threads or cores

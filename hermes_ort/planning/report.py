@@ -34,4 +34,4 @@ def plan_text(plan: Plan) -> str:
     return (f"plan for budget {format_bytes(plan.budget)}:\n" + plan_rows([plan]) + f"\nresident: {', '.join(plan.resident) or 'none'}"
             f"\nprepacked: {', '.join(plan.prepacked) or 'none'}"
             f"\ncompute threads: {plan.compute_threads}" + (
-                "\nbatched layout: streamed matrices read transposed (hermes batched)" if plan.batched_layout else ""))
+                "\nbatched layout: template stages read their matrices transposed (hermes batched)" if plan.batched_layout else ""))
