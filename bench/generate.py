@@ -4,7 +4,7 @@ cache; with --repeats N every strategy runs N times in rounds and the median run
 
 whole             whole-model ORT (the stages merged into one graph), default session options, KV cache
 hermes            hermes_ort.stream at the budget (the generation plan: decode profile, KV cache inside it;
-                  batches of several rows read the batched layout, `hermes batched`, written if missing)
+                  template stages read the transposed layout, `hermes batched`, written if missing)
 stream-everything load, run and free every block every token with one block of lookahead (one loader,
                   window 2, a fresh ORT session per stage, nothing resident): what other streaming tools do
 floor             max(whole-model step, bytes hermes streams per token / page-cache bandwidth of this run)
