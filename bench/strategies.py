@@ -20,7 +20,7 @@ from hermes_ort.format.manifest import Manifest
 from hermes_ort.graphs.merge import merge_stages
 from hermes_ort.planning.planner import Plan
 from hermes_ort.engine.sessions import SessionConfig, open_stage
-from hermes_ort.engine.templates import OwnedStage
+from hermes_ort.engine.prepared import OwnedStage
 
 
 def whole(directory: Path, manifest: Manifest, feed: dict, budget: int) -> tuple[dict, float, float]:

@@ -126,7 +126,7 @@ def test_generation_plans_use_the_layout_where_the_model_has_one(model):
 def test_one_row_runs_through_its_own_session_and_gives_the_same_logits(model, monkeypatch):
     """A stage reading the layout runs one row as x (W^T)^T (MLAS's one-row kernel), more rows as
     (W^T x^T)^T: a one-row step and a 7-position prefill each take the session their rows need."""
-    from hermes_ort.engine.templates import TemplateStage
+    from hermes_ort.engine.prepared import TemplateStage
 
     chosen, session_for = [], TemplateStage.session_for
 

@@ -117,7 +117,8 @@ def test_embedding_tables_are_looked_up_not_read_ahead(gpt2, monkeypatch):
 
 def test_lookups_give_back_the_pages_they_mapped(tmp_path):
     """A resident embeddings stage must not grow toward its whole table as a generation meets new tokens."""
-    from hermes_ort.engine.templates import MappedWeights, WeightRef
+    from hermes_ort.engine.prepared import MappedWeights
+    from hermes_ort.engine.templates import WeightRef
 
     rows, width = 16384, 1024  # a 64 MiB float32 table
     (tmp_path / "table.data").write_bytes(np.ones((rows, width), np.float32).tobytes())
@@ -136,7 +137,7 @@ def test_lookups_give_back_the_pages_they_mapped(tmp_path):
 
 
 def test_every_embeddings_run_releases_its_lookups(gpt2, monkeypatch):
-    from hermes_ort.engine.templates import MappedWeights
+    from hermes_ort.engine.prepared import MappedWeights
 
     released, real = [], MappedWeights.release_lookups
     monkeypatch.setattr(MappedWeights, "release_lookups", lambda self: released.append(len(self.lookups)) or real(self))
@@ -250,7 +251,8 @@ def test_trace_has_a_row_per_thread_and_a_span_per_load_run_destroy(gpt2, tmp_pa
 
 
 def test_blocks_share_one_template_session(gpt2):
-    from hermes_ort.engine.templates import TemplateStage, Templates
+    from hermes_ort.engine.prepared import TemplateStage
+    from hermes_ort.engine.templates import Templates
 
     manifest = hermes_ort.InferenceSession(gpt2).manifest
     templates = Templates(gpt2, manifest)

@@ -14,7 +14,7 @@ from hermes_ort.format import manifest as manifest_io
 from hermes_ort.engine.chain import run_chain
 from hermes_ort.engine.sessions import SessionConfig, open_stage
 from hermes_ort.graphs.split import SplitRequest, split_model
-from hermes_ort.engine.templates import OwnedStage
+from hermes_ort.engine.prepared import OwnedStage
 
 
 class WholeBert(torch.nn.Module):

@@ -6,7 +6,8 @@ import pytest
 
 import hermes_ort
 from hermes_ort.engine import loading
-from hermes_ort.engine.templates import MappedWeights, OwnedStage, TemplateStage, WeightRef
+from hermes_ort.engine.prepared import MappedWeights, OwnedStage, TemplateStage
+from hermes_ort.engine.templates import WeightRef
 from hermes_ort.format.page_cache import HUGE_PAGE
 from hermes_ort.planning.planner import Plan
 

@@ -17,7 +17,8 @@ from ..errors import StageError
 from ..format.manifest import StageSpec
 from ..format.page_cache import bring_in
 from .sessions import SessionConfig, open_stage
-from .templates import MappedWeights, OwnedStage, Templates, TemplateStage, WeightRef, read_spans
+from .prepared import MappedWeights, OwnedStage, TemplateStage, read_spans
+from .templates import Templates, WeightRef
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 

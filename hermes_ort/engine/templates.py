@@ -9,7 +9,6 @@ page-table fill happen there, not as page faults inside run()).
 from __future__ import annotations
 
 import hashlib
-import mmap
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,10 @@ from onnx import helper
 from ..errors import StageError
 from ..format.integrity import FirstLoadCheck
 from ..format.manifest import Manifest, StageSpec
-from .memory import give_back
 from ..format.batched_layout import BatchedLayout, load_layout
-from ..format.page_cache import HUGE_PAGE, looked_up_files, map_populated
+from ..format.page_cache import looked_up_files
 from ..graphs.transposed import rewrite, rewrite_one_row
-from .sessions import SessionConfig, run_session, run_stage, session_options
+from .sessions import SessionConfig, session_options
 
 
 @dataclass(frozen=True)
@@ -165,8 +163,9 @@ class Templates:
     """The canonical form of every stage whose graph another stage shares, or whose weights are only looked
     up, and their sessions (made once, on first use, by whichever loading agent needs them first).
     GPT-2's head parts stay out of a pass: their Gemm(transB=1) ran 3x slower with the weight as an input
-    at 128 positions (hermes profile, gpt2-medium); generation steps take them in (form_for). Embedding tables come in as inputs so that the pages a lookup maps can be let
-    go after every run (MappedWeights.release_lookups)."""
+    at 128 positions (hermes profile, gpt2-medium); generation steps take them in (form_for). Embedding
+    tables come in as inputs so that the pages a lookup maps can be let go after every run
+    (prepared.MappedWeights.release_lookups)."""
 
     def __init__(self, directory: Path, manifest: Manifest):
         self.directory, self.manifest = directory, manifest
@@ -221,111 +220,3 @@ class Templates:
 
     def close(self) -> None:
         self.sessions.clear()
-
-
-class MappedWeights:
-    """A stage's data files mapped, and numpy views of each weight in them. Files holding weights a run
-    reads in full are mapped populated (read here, not in run()); files of lookup tables only are
-    mapped lazily, and `release_lookups()` drops the pages a run touched.
-
-    Why: a lookup faults in far more than its rows (the kernel maps whole folios around each fault: 32
-    GPT-2 medium token ids mapped 41 MiB of wte, 2048 ids 166 MiB, measured from RssFile), so a resident
-    embeddings stage grew toward its whole table during a generation."""
-
-    def __init__(self, directory: Path, weights: tuple[WeightRef, ...],
-                 tables: frozenset[str] | set[str] = frozenset()):
-        self.maps: dict[str, mmap.mmap] = {}
-        self.starts: dict[str, int] = {}  # the file offset each mapping begins at
-        self.lookups: list[mmap.mmap] = []
-        read = read_spans(weights)
-        for location in dict.fromkeys(w.location for w in weights):
-            with open(directory / location, "rb") as f:  # tables: files looked up elsewhere, kept in small pages
-                if location not in read:
-                    self.maps[location] = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-                    self.lookups.append(self.maps[location])
-                    self.starts[location] = 0
-                    continue
-                start, end = read[location]
-                start -= start % HUGE_PAGE  # keeps file offsets and addresses huge-page aligned alike
-                self.maps[location] = map_populated(f.fileno(), end - start, start, location not in tables)
-                self.starts[location] = start
-        self.arrays = {w.input_name: np.frombuffer(self.maps[w.location], np.uint8, w.length,
-                                                   w.offset - self.starts[w.location]).view(w.dtype).reshape(w.shape)
-                       for w in weights}
-
-    def release_lookups(self) -> None:
-        """Unmaps the pages lookups touched (the page cache keeps them; the next lookup maps them again)."""
-        for m in self.lookups:
-            m.madvise(mmap.MADV_DONTNEED)
-
-    def close(self) -> None:
-        self.arrays.clear()
-        for m in self.maps.values():
-            m.close()
-        self.maps.clear()
-        self.lookups.clear()
-
-
-def read_spans(weights) -> dict[str, tuple[int, int]]:
-    """By file, from the first to the last byte of the weights a stage reads in full (embedding tables are
-    looked up, not read): what a load maps or reads, once per file. Read weight by weight from a cold
-    cache, a block's small tensors came in through 4 KiB folios and its file lost its huge pages (GPT-2
-    medium: 4 of 48 MiB left huge). A GPT-2 head part reads a quarter of the tied token table's file:
-    mapping the whole file populated took 21 ms, against its own rows."""
-    found: dict[str, tuple[int, int]] = {}
-    for w in weights:
-        if not w.looked_up:
-            start, end = found.get(w.location, (w.offset, w.offset + w.length))
-            found[w.location] = (min(start, w.offset), max(end, w.offset + w.length))
-    return found
-
-
-class TemplateStage:
-    """A prepared stage run through its shared template session; reading the transposed layout, through the
-    session for one row when its input is one row (graphs/transposed.py)."""
-
-    def __init__(self, stage: StageSpec, form: Canonical, session: ort.InferenceSession, weights: MappedWeights,
-                 batched: bool = False, steps_only: bool = False, one_row: ort.InferenceSession | None = None):
-        self.stage, self.form, self.session, self.weights = stage, form, session, weights
-        self.batched = batched  # prepared for a plan reading the transposed layout (format/batched_layout.py)
-        self.steps_only = steps_only  # a template for generation steps only (Templates.form_for)
-        self.one_row = one_row
-
-    def session_for(self, tensors: dict[str, np.ndarray]) -> ort.InferenceSession:
-        """The one-row session when the first float input (a block's hidden states [batch, sequence,
-        width]) is one row."""
-        if self.one_row is None:
-            return self.session
-        first = next((v for v in (tensors[n] for n in self.form.inputs) if np.issubdtype(v.dtype, np.floating)), None)
-        one = first is not None and first.ndim >= 2 and int(np.prod(first.shape[:-1])) == 1
-        return self.one_row if one else self.session
-
-    def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        feed = {f"in_{k}": tensors[name] for k, name in enumerate(self.form.inputs)} | self.weights.arrays
-        bound = {f"out_{k}": into[name] for k, name in enumerate(self.form.outputs) if name in (into or {})}
-        try:
-            values = run_session(self.session_for(tensors), [f"out_{k}" for k in range(len(self.form.outputs))],
-                                 feed, bound)
-        except Exception as e:  # ORT's runtime errors are pybind types without a common base
-            raise StageError(f"{self.stage.describe()}: run failed: {e}") from e
-        finally:
-            self.weights.release_lookups()
-        return dict(zip(self.form.outputs, values))
-
-    def close(self) -> None:
-        self.weights.close()
-
-
-class OwnedStage:
-    """A prepared stage with a session of its own (prepacked, or a graph no other stage shares)."""
-
-    def __init__(self, stage: StageSpec, session: ort.InferenceSession):
-        self.stage, self.session = stage, session
-
-    def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        return run_stage(self.stage, self.session, tensors, into)
-
-    def close(self) -> None:
-        """Drops the session and hands its freed heap back to the OS (glibc keeps it otherwise)."""
-        self.session = None
-        give_back()
