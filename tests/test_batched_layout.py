@@ -251,3 +251,14 @@ def test_a_batched_stage_maps_its_layout_file_only(tmp_path, monkeypatch):
     block_maps = [m for m in mapped if m & {f"{LAYOUT_DIR}/{b}.data" for b in blocks}]
     assert block_maps and all(m <= {f"{LAYOUT_DIR}/{b}.data" for b in blocks} for m in block_maps)
     np.testing.assert_array_equal(got, generated(directory, plan_override=streamed(False)))
+
+
+def test_a_llama_family_model_decodes_the_same_tokens_through_its_layout(exported, tmp_path):
+    """Llama blocks read their matrices through MatMul (FusedMatMul for one row), beside rotary inputs."""
+    directory = tmp_path / "llama"
+    shutil.copytree(exported("tiny-llama").directory, directory)
+    ids = np.random.default_rng(8).integers(1, 500, (1, 6))
+    want = generated_alone(directory, ids, streamed(False))
+    assert hermes(["batched", str(directory)]) == 0
+    assert load_layout(directory, manifest_io.load(directory)).stages
+    np.testing.assert_array_equal(generated_alone(directory, ids, streamed(True)), want)
