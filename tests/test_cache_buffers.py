@@ -32,7 +32,7 @@ def bind_every_size(monkeypatch):
         return original(session, names, feed, into)
 
     monkeypatch.setattr(sessions, "run_session", counting)
-    monkeypatch.setattr("hermes_ort.engine.templates.run_session", counting)
+    monkeypatch.setattr("hermes_ort.engine.prepared.run_session", counting)
     return bound
 
 
