@@ -38,3 +38,19 @@ def torch_model():
     from export.families import load_source
 
     return lambda name: load_source(name, 0, random_weights=True)[1]
+
+
+@pytest.fixture
+def profiled_readings(monkeypatch):
+    """(batched, decoding) of every stage `hermes profile` prepares without prepacking, as it asks."""
+    from hermes_ort.planning import profiler
+
+    seen, original = set(), profiler.prepare
+
+    def recording(directory, stage, config, templates=None, batched=False, decoding=False):
+        if not config.prepacking:
+            seen.add((batched, decoding))
+        return original(directory, stage, config, templates, batched, decoding)
+
+    monkeypatch.setattr(profiler, "prepare", recording)
+    return seen

@@ -210,22 +210,12 @@ def test_cli_writes_and_removes_the_layout(model, capsys):
 
 
 @pytest.mark.parametrize("batch, reads_layout", [(1, True), (2, True), (2, False)])
-def test_a_decode_profile_measures_the_batched_layout_where_there_is_one(model, monkeypatch, batch, reads_layout):
-    from hermes_ort.planning import profiler
-
-    seen = set()
-    original = profiler.prepare
-
-    def recording(directory, stage, config, templates=None, batched=False, decoding=False):
-        if not config.prepacking:
-            seen.add(batched)
-        return original(directory, stage, config, templates, batched, decoding)
-
-    monkeypatch.setattr(profiler, "prepare", recording)
+def test_a_decode_profile_measures_the_batched_layout_where_there_is_one(model, profiled_readings, batch,
+                                                                         reads_layout):
     if not reads_layout:
         assert hermes(["batched", str(model), "--remove"]) == 0
     assert hermes(["profile", str(model), "--decode", "--batch", str(batch), "--max-length", "16", "--prompt", "4"]) == 0
-    assert seen == {reads_layout}
+    assert {batched for batched, _ in profiled_readings} == {reads_layout}
 
 
 def test_a_batched_stage_maps_its_layout_file_only(tmp_path, monkeypatch):

@@ -95,23 +95,14 @@ def test_a_stage_maps_only_the_span_of_a_shared_file_it_reads(tmp_path):
 
 
 @pytest.mark.parametrize("decode", [False, True])
-def test_a_decode_profile_measures_stages_as_generation_steps_prepare_them(gpt2, tmp_path, monkeypatch, decode):
+def test_a_decode_profile_measures_stages_as_generation_steps_prepare_them(gpt2, tmp_path, profiled_readings,
+                                                                          decode):
     import shutil
 
     from hermes_ort.__main__ import main as hermes
-    from hermes_ort.planning import profiler
 
     model = tmp_path / "m"
     shutil.copytree(gpt2, model)
-    seen = set()
-    original = profiler.prepare
-
-    def recording(directory, stage, config, templates=None, batched=False, decoding=False):
-        if not config.prepacking:
-            seen.add(decoding)
-        return original(directory, stage, config, templates, batched, decoding)
-
-    monkeypatch.setattr(profiler, "prepare", recording)
     decode_args = ["--decode", "--max-length", "16", "--prompt", "4"] if decode else ["--sequence", "8"]
     assert hermes(["profile", str(model), *decode_args]) == 0
-    assert seen == {decode}
+    assert {decoding for _, decoding in profiled_readings} == {decode}

@@ -43,9 +43,9 @@ def read_ahead(path: Path, start: int = 0, length: int | None = None, huge: bool
 def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates: Templates | None = None,
             batched: bool = False, decoding: bool = False):
     """A stage ready to run. Through a shared template (weights mapped and populated here) when another
-    stage shares its graph (`decoding`: whenever it can, Templates.form_for) and it is not prepacked, with its matrices transposed when `batched` and the
-    model has a batched layout; else its own session, files read ahead first (ORT releases the GIL while
-    it creates it)."""
+    stage shares its graph (`decoding`: whenever it can, Templates.form_for) and it is not prepacked, with
+    its matrices transposed when `batched` and the model has a batched layout; else its own session, files
+    read ahead first (ORT releases the GIL while it creates it)."""
     if templates is not None:
         templates.integrity.stage(stage)  # reads the files whole once: also a read-ahead of them
     form = templates.form_for(stage.name, decoding) if templates is not None else None

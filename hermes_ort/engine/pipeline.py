@@ -3,8 +3,8 @@ daemon destroys each streamed session as soon as its stage has run.
 
 A Pipeline is a context manager: its exit joins every thread and drops every session it made, on
 success, on error and on KeyboardInterrupt. It serves one pass over the stages, or (`cyclic`, for
-decoding: generation steps) as many passes as `run()` is called, the loaders running ahead into the next pass: the window
-wraps from the head back to block 0. Stages the plan keeps resident are handed to a `Resident` store
+decoding: generation steps) as many passes as `run()` is called, the loaders running ahead into the next
+pass: the window wraps from the head back to block 0. Stages the plan keeps resident are handed to a `Resident` store
 that outlives the pipeline, so later passes and later pipelines skip them.
 """
 from __future__ import annotations
