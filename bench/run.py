@@ -23,6 +23,7 @@ import numpy as np
 from hermes_ort.engine.memory import format_bytes, parse_budget
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.format.manifest import weights_note
+from hermes_ort.format.page_cache import warm
 from hermes_ort.planning.report import table
 
 from . import results
@@ -61,11 +62,10 @@ def bench_model(model_dir: Path, args, scratch: Path, bar) -> tuple[list[dict], 
     manifest = manifest_io.load(model_dir)
     prepare_whole(model_dir, manifest)
     disk = worker("disk", model_dir)["disk_bytes_per_s"]
-    records, warmed = [], False
+    records = []
     for strategy, mode, budget, loaders in runs_of(args.budgets, args.modes, args.loaders):
-        if mode == "warm" and not warmed:
-            worker("disk", model_dir)  # reads every file: the page cache is warm for what follows
-            warmed = True
+        if mode == "warm":  # right before each run: the kernel may reclaim idle files (machine.proactive_reclaim)
+            warm(model_dir, manifest)
         limit = parse_budget(budget, manifest.bytes) if budget else 0
         save = scratch / f"{model_dir.name}-{len(records)}.npz"
         flags = ["--budget", str(limit), "--sequence", str(args.sequence), "--save", str(save),
