@@ -55,17 +55,25 @@ def pipeswitch(directory: Path, manifest: Manifest, feed: dict, budget: int) -> 
 
 def hermes(directory: Path, manifest: Manifest, feed: dict, budget: int, loaders: int = 0) -> tuple[dict, float, float]:
     """The planner's plan for the budget; with `loaders`, the best plan with this many loading agents and a
-    window at least as wide (the paper's sweep), its resident stages picked again for that window: widening
-    the chosen plan's window alone took GPT-2 medium's 25% row to 358 MiB over 339."""
+    window as wide where one fits (the paper's sweep), its resident stages picked again for that window:
+    widening the chosen plan's window alone took GPT-2 medium's 25% row to 358 MiB over 339. Where no
+    window that wide fits the budget, the widest that does: the extra loaders wait."""
     if not loaders:
         return _timed(directory, feed, dict(memory_budget=budget))
     with InferenceSession(directory, memory_budget=budget) as planning:
         chosen, templates = planning.plan, planning._resident.templates
         profile = in_this_process(model_profile(directory, manifest, templates, feed), templates)
-    window = max(chosen.window, loaders)
-    swept = make_plan(profile, budget, loaders, window, cold=False) or dataclasses.replace(
-        chosen, loaders=loaders, window=window)  # nothing fits that window: the widened plan, as it runs
-    return _timed(directory, feed, dict(memory_budget=budget, plan_override=swept))
+    return _timed(directory, feed, dict(memory_budget=budget, plan_override=swept_plan(profile, chosen, loaders)))
+
+
+def swept_plan(profile, chosen: Plan, loaders: int) -> Plan:
+    """The plan with `loaders` loading agents and the widest window up to max(chosen.window, loaders) that
+    fits the chosen plan's budget (the chosen window always does)."""
+    for window in range(max(chosen.window, loaders), chosen.window - 1, -1):
+        swept = make_plan(profile, chosen.budget, loaders, window, cold=False)
+        if swept is not None:
+            return swept
+    return dataclasses.replace(chosen, loaders=loaders)
 
 
 def _timed(directory: Path, feed: dict, options: dict) -> tuple[dict, float, float]:
