@@ -3,6 +3,7 @@ mapped (every page present, in huge pages where the page cache has them: format/
 a session shared by every stage of its graph (templates.py); an owned stage has a session of its own."""
 from __future__ import annotations
 
+import math
 import mmap
 from pathlib import Path
 
@@ -84,22 +85,26 @@ class TemplateStage:
         self.batched = batched  # prepared for a plan reading the transposed layout (format/batched_layout.py)
         self.steps_only = steps_only  # a template for generation steps only (Templates.form_for)
         self.one_row = one_row
+        self.rows_input: str | None = None  # the input whose rows pick the session, found on first use
+        self.feed_names = [(f"in_{k}", name) for k, name in enumerate(form.inputs)]
+        self.output_names = [f"out_{k}" for k in range(len(form.outputs))]
 
     def session_for(self, tensors: dict[str, np.ndarray]) -> ort.InferenceSession:
         """The one-row session when the first float input (a block's hidden states [batch, sequence,
-        width]) is one row."""
+        width]) is one row. Which input that is, is worked out once: this runs at every step."""
         if self.one_row is None:
             return self.session
-        first = next((v for v in (tensors[n] for n in self.form.inputs) if np.issubdtype(v.dtype, np.floating)), None)
-        one = first is not None and first.ndim >= 2 and int(np.prod(first.shape[:-1])) == 1
-        return self.one_row if one else self.session
+        if self.rows_input is None:
+            self.rows_input = next((n for n in self.form.inputs if np.issubdtype(tensors[n].dtype, np.floating)), "")
+        shape = tensors[self.rows_input].shape if self.rows_input else ()
+        return self.one_row if len(shape) >= 2 and math.prod(shape[:-1]) == 1 else self.session
 
     def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        feed = {f"in_{k}": tensors[name] for k, name in enumerate(self.form.inputs)} | self.weights.arrays
-        bound = {f"out_{k}": into[name] for k, name in enumerate(self.form.outputs) if name in (into or {})}
+        feed = {key: tensors[name] for key, name in self.feed_names} | self.weights.arrays
+        pairs = zip(self.output_names, self.form.outputs)
+        bound = {key: into[name] for key, name in pairs if name in into} if into else {}
         try:
-            values = run_session(self.session_for(tensors), [f"out_{k}" for k in range(len(self.form.outputs))],
-                                 feed, bound)
+            values = run_session(self.session_for(tensors), self.output_names, feed, bound)
         except Exception as e:  # ORT's runtime errors are pybind types without a common base
             raise StageError(f"{self.stage.describe()}: run failed: {e}") from e
         finally:
