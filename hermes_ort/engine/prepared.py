@@ -85,18 +85,17 @@ class TemplateStage:
         self.batched = batched  # prepared for a plan reading the transposed layout (format/batched_layout.py)
         self.steps_only = steps_only  # a template for generation steps only (Templates.form_for)
         self.one_row = one_row
-        self.rows_input: str | None = None  # the input whose rows pick the session, found on first use
+        dtypes = {t.name: t.dtype for t in stage.inputs}  # the first float input's rows pick the session
+        self.rows_input = next((n for n in form.inputs if np.issubdtype(np.dtype(dtypes[n]), np.floating)), None)
         self.feed_names = [(f"in_{k}", name) for k, name in enumerate(form.inputs)]
         self.output_names = [f"out_{k}" for k in range(len(form.outputs))]
 
     def session_for(self, tensors: dict[str, np.ndarray]) -> ort.InferenceSession:
         """The one-row session when the first float input (a block's hidden states [batch, sequence,
-        width]) is one row. Which input that is, is worked out once: this runs at every step."""
-        if self.one_row is None:
+        width]) is one row. Which input that is comes from the manifest: this runs at every step."""
+        if self.one_row is None or self.rows_input is None:
             return self.session
-        if self.rows_input is None:
-            self.rows_input = next((n for n in self.form.inputs if np.issubdtype(tensors[n].dtype, np.floating)), "")
-        shape = tensors[self.rows_input].shape if self.rows_input else ()
+        shape = tensors[self.rows_input].shape
         return self.one_row if len(shape) >= 2 and math.prod(shape[:-1]) == 1 else self.session
 
     def run(self, tensors: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
