@@ -182,6 +182,7 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
         strategies.append(("stream-everything", None, "stream-everything", "0"))
         if batch == 1 and gguf_source(manifest) is not None:
             strategies.append(("llama.cpp (same GGUF)", None, "llama.cpp", "0"))
+            strategies += at_peer_memory(directory, manifest, common)
         rounds = [[warm_run(directory, manifest, "--worker", worker, "--budget", b, *common)
                    for _, _, worker, b in strategies] for _ in range(repeats)]
         runs = [(name, budget, median_run([r[k] for r in rounds]))
@@ -194,6 +195,17 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
     print(f"# {directory.name}{weights_note(manifest)}: {format_bytes(manifest.bytes)} on disk; page cache "
           f"(populated mappings, huge pages) {bandwidth / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
     return records, bandwidth
+
+
+PEER_SHARES = {"hermes at llama.cpp's peak RSS": 1.0, "hermes at 0.7x llama.cpp's peak RSS": 0.7}
+
+
+def at_peer_memory(directory: Path, manifest, common: list[str]) -> list[tuple[str, str, str, str]]:
+    """hermes rows whose budgets are llama.cpp's own peak RSS (and 0.7x it), read from a llama.cpp run made
+    here first: the question a board user asks is how fast hermes is in the memory llama.cpp takes."""
+    peer = warm_run(directory, manifest, "--worker", "llama.cpp", "--budget", "0", *common)
+    return [(name, str(int(peer["peak"] * share)), "hermes", str(int(peer["peak"] * share)))
+            for name, share in PEER_SHARES.items()]
 
 
 def batched_layout(directory: Path, manifest) -> None:
@@ -234,7 +246,7 @@ def record(model, manifest, batch, strategy, budget, r, whole, floor) -> dict:
 
 
 def decode_table(records: list[dict]) -> results.Table:
-    rows = [[r["model"], str(r["batch"]), f"hermes {r['budget']}" if r["budget"] else r["strategy"],
+    rows = [[r["model"], str(r["batch"]), f"hermes {r['budget']}" if r["strategy"] == "hermes" else r["strategy"],
              format_bytes(r["budget_bytes"]) if r["budget_bytes"] else "-", f"{r['first_s']:.2f}",
              rate_cell(r), f"{r['vs_whole']:.2f}x", f"{r['vs_floor']:.2f}x" if r["vs_floor"] else "-",
              format_bytes(r["peak_rss"]), {True: "yes", False: "NO", None: "-"}[r["in_budget"]],

@@ -13,7 +13,8 @@ import numpy as np
 
 from .format import manifest as manifest_io
 from .planning import profiles
-from .generation.decode_plan import Workload, decode_profile, has_transposed_layout, plan_generation
+from .generation.decode_plan import (Workload, decode_profile, has_transposed_layout, plan_generation,
+                                     with_merged_cache)
 from .generation.decoding import CacheLayout
 from .errors import HermesError, InputError
 from .planning.estimate import estimate_profile
@@ -175,9 +176,12 @@ class InferenceSession:
             templates, held = self._resident.templates, self._resident.names(self.manifest)
             profile = in_this_process(decode_profile(self._root, self.manifest, templates, work.batch), templates,
                                       held)
-            chosen = plan_generation(profile, CacheLayout.of(self.manifest), self.manifest, work, self.budget,
+            layout = CacheLayout.of(self.manifest)
+            chosen = plan_generation(profile, layout, self.manifest, work, self.budget,
                                      transposed=has_transposed_layout(templates))
-            self._generation_plans[work] = self._as_the_app_asks(quantized_prepacked(chosen, templates))
+            chosen = with_merged_cache(quantized_prepacked(chosen, templates), layout, self.manifest, work,
+                                       templates.lookups())
+            self._generation_plans[work] = self._as_the_app_asks(chosen)
         self.last_generation_plan = self._generation_plans[work]
         return self.last_generation_plan
 

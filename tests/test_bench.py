@@ -95,3 +95,26 @@ def test_median_run_keeps_the_median_rate_the_highest_peak_and_flags_differing_t
     assert combined["rates"] == [3.0, 1.0, 2.0] and combined["peaks"] == [10, 30, 20]
     assert median_run([*runs[:2], {"rate": 2.0, "peak": 20, "tokens": [[1, 3]]}])["tokens"] is None
     assert median_run([runs[0], None]) is None  # a budget below the feasible minimum is skipped, as with one run
+
+
+def test_bench_generate_runs_hermes_at_llama_cpps_own_peak(tmp_path, monkeypatch):
+    """A GGUF-sourced model gets hermes rows whose budgets are llama.cpp's measured peak RSS and 0.7x it."""
+    import types
+
+    import bench.generate as generate
+
+    asked = []
+
+    def run_worker(directory, *args):
+        flags = dict(zip(args[::2], args[1::2]))
+        asked.append((flags["--worker"], flags["--budget"]))
+        peak = 150 << 20 if flags["--worker"] == "llama.cpp" else 1
+        return {"first_s": 0.1, "rate": 10.0, "step_s": 0.1, "peak": peak, "streamed_bytes": 0, "tokens": [[1]]}
+
+    monkeypatch.setattr(generate, "warm", lambda directory, manifest: None)
+    monkeypatch.setattr(generate, "run_worker", run_worker)
+    rows = generate.at_peer_memory(tmp_path, None, ["--batch", "1", "--tokens", "2"])
+    assert asked == [("llama.cpp", "0")]
+    assert [(name, int(budget)) for name, budget, worker, _ in rows] == [
+        ("hermes at llama.cpp's peak RSS", 150 << 20), ("hermes at 0.7x llama.cpp's peak RSS", int(0.7 * (150 << 20)))]
+    assert all(worker == "hermes" and arg == budget for _, budget, worker, arg in rows)

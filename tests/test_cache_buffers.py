@@ -2,6 +2,8 @@
 with every stage resident, streamed through templates, and in sessions of their own; buffers rotate so a
 generation holds one layer's keys and values beyond its cache; an engine that ignores the buffers still
 decodes right."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,7 @@ def bind_every_size(monkeypatch):
 
     monkeypatch.setattr(sessions, "run_session", counting)
     monkeypatch.setattr("hermes_ort.engine.prepared.run_session", counting)
+    monkeypatch.setattr("hermes_ort.engine.merged.run_session", counting)
     return bound
 
 
@@ -43,8 +46,8 @@ def plan_of(manifest, resident: bool, prepacked: bool) -> Plan:
                 predicted_steady_s=0, predicted_peak_bytes=0)
 
 
-@pytest.mark.parametrize("resident, prepacked", [(True, False), (False, False), (False, True)],
-                         ids=["resident", "streamed-templates", "streamed-own-sessions"])
+@pytest.mark.parametrize("resident, prepacked", [(True, False), (True, True), (False, False), (False, True)],
+                         ids=["resident", "resident-merged", "streamed-templates", "streamed-own-sessions"])
 def test_tokens_equal_transformers_with_the_cache_in_kept_buffers(gpt2, torch_model, bind_every_size, resident,
                                                                     prepacked):
     ids = np.random.default_rng(5).integers(1, 2048, (3, 6))
@@ -59,18 +62,25 @@ def test_tokens_equal_transformers_with_the_cache_in_kept_buffers(gpt2, torch_mo
     assert len(bind_every_size) == 2 * layers * NEW  # every present of every pass (a prefill, NEW - 1 steps)
 
 
-def test_buffers_rotate_one_layer_beyond_the_cache(gpt2, bind_every_size):
+@pytest.mark.parametrize("merged", [False, True], ids=["stage-by-stage", "merged"])
+def test_buffers_rotate_one_layer_beyond_the_cache(gpt2, bind_every_size, merged):
+    """Stage by stage, a generation holds its cache and one layer's spare pair; a merged run of every block
+    (engine/merged.py) writes all presents while it reads all pasts: a whole spare cache (which
+    decode_plan.with_merged_cache counts in the plan)."""
     ids = np.random.default_rng(1).integers(1, 2048, (2, 4))
     with hermes_ort.InferenceSession(gpt2) as session:
         layout = CacheLayout.of(session.manifest)
-        with session.engine() as engine:
+        plan = dataclasses.replace(session.plan, merge_resident=merged)
+        assert len(plan.resident) == len(session.manifest.stages) and set(plan.prepacked) >= set(plan.resident)
+        with session.engine(plan) as engine:
             decoder = Decoder(engine, layout, *check_prompt(ids, None, 8, layout), 12)
             logits = decoder.prefill()
             for _ in range(8):
                 logits = decoder.step(logits.argmax(-1))
     buffers = decoder.buffers
     held = list(buffers.holding.values())
-    assert len(held) == len(layout.past) and len(buffers.free) == 2  # 2 x layers + the spare pair, no more
+    spare = len(layout.past) if merged else 2
+    assert len(held) == len(layout.past) and len(buffers.free) == spare  # 2 x layers + the spare, no more
     assert all(any(np.shares_memory(decoder.past[name], b) for b in held) for name in decoder.past)
     assert all(b.size == held[0].size for b in held + buffers.free)  # sized once, for 12 positions
     assert decoder.past[layout.past[0].name].shape[2] == 12

@@ -117,11 +117,38 @@ def test_native_keeps_quantized_bytes(converted):
     cfg, precision, values, result = converted
     size = result.manifest.bytes
     floats = sum(v.nbytes for v in values.values())
-    float_matrices = precision == "fp32" or (cfg.matrix_type == "Q8_0" and result.manifest.extra["accuracy_level"] == 0)
-    if not float_matrices:
+    if precision == "native":  # every quantized type stays quantized, Q8_0 too (as two 4-bit halves)
         assert size < floats / 2
-    else:  # fp32, or native Q8_0 matrices in float32 arithmetic (only the table stays 8-bit)
+    else:
         assert size > floats * 0.5
+
+
+def test_q8_0_runs_as_4_bit_halves_that_are_the_file_weights_exactly(tmp_path):
+    """At accuracy level 0, every Q8_0 matrix and the tied Q8_0 head are two 4-bit MatMulNBits (ORT 1.32 has
+    no fast float32 8-bit kernel), and the weights they multiply, 16 * (high - 8) + (low - 0) times the
+    scale, are the GGUF's dequantized weights bit for bit; the embeddings look up the very same bytes."""
+    import onnx
+
+    from hermes_ort.convert.native_weights import NativeWeights, halves
+    from hermes_ort.convert.block_codes import unpack
+    from hermes_ort.convert.gguf_model import GGUFModel
+
+    values = write_tiny_gguf(tmp_path / "tiny.gguf", TinyConfig(matrix_type="Q8_0"))
+    result = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "model", "native", 0)
+    bits = [a.i for st in result.manifest.stages for n in onnx.load(str(result.directory / st.graph.path)).graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized") for a in n.attribute if a.name == "bits"]
+    assert bits and set(bits) == {4}
+    b = NativeWeights(GGUFModel(tmp_path / "tiny.gguf")).blocks("token_embd.weight")
+    high, low, zeros = halves(b)
+    q = 16 * (unpack(high, 4).astype(np.float32) - 8) + (unpack(low, 4).astype(np.float32) - zeros.min())
+    assert np.array_equal((q * b.scales[..., None]).reshape(b.codes.shape[0], -1), values["token_embd.weight"])
+    with hermes_ort.InferenceSession(result.directory) as session:
+        ids = np.arange(values["token_embd.weight"].shape[0])[None]
+        feed = {"input_ids": ids, "position_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
+        embeddings = session.manifest.stages[0]
+        rows = hermes_ort.engine.sessions.run_stage(embeddings, hermes_ort.engine.sessions.open_stage(
+            result.directory, embeddings, hermes_ort.engine.sessions.SessionConfig()), feed)["hidden.0"][0]
+    assert np.array_equal(rows, values["token_embd.weight"])
 
 
 def test_tokenizer_and_chat_template_from_the_vocabulary(converted):

@@ -37,24 +37,30 @@ def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], prepared_for: 
               last_use: dict[str, int] | None = None, decoding: bool = False,
               sink: OutputSink | None = None) -> dict[str, np.ndarray]:
     """Runs every stage once; returns the model outputs. Each tensor is kept once, however many stages read it.
+    A prepared stage with a `stop` covers stages [i, stop) in one run (engine/merged.py).
     decoding: the chain owns `feed` (it empties it as tensors die, so a step holds one KV cache, not the
     previous one too) and head stages see the last position only (only the next token's logits are needed).
     sink: where outputs it names are written (a decoder's KV cache buffers)."""
     tensors = feed if decoding else dict(feed)
     last_use = last_use or manifest.last_use()
-    for i in range(len(manifest.stages)):
-        if decoding and manifest.stages[i].kind == "head":
-            last_position_only(tensors, manifest.stages[i])
+    i = 0
+    while i < len(manifest.stages):
         prepared = prepared_for(i)
-        into = sink.buffers_for(manifest.stages[i], tensors) if sink is not None else {}
+        stages = manifest.stages[i:getattr(prepared, "stop", i + 1)]
+        if decoding and stages[0].kind == "head":
+            last_position_only(tensors, stages[0])
+        into = {s.name: sink.buffers_for(s, tensors) for s in stages} if sink is not None else {}
+        bound = {name: array for arrays in into.values() for name, array in arrays.items()}
         with span(i):
-            outputs = prepared.run(tensors, into) if into else prepared.run(tensors)
+            outputs = prepared.run(tensors, bound) if bound else prepared.run(tensors)
         tensors.update(outputs)
-        if sink is not None:
-            sink.ran(manifest.stages[i], into, outputs)
+        for s in stages if sink is not None else ():
+            sink.ran(s, into[s.name], outputs)
         del prepared, outputs
-        after_run(i)
-        for name in [n for n in tensors if last_use.get(n, -1) <= i]:
+        for k in range(i, i + len(stages)):
+            after_run(k)
+        i += len(stages)
+        for name in [n for n in tensors if last_use.get(n, -1) < i]:
             del tensors[name]
     return {t.name: tensors[t.name] for t in manifest.outputs}
 

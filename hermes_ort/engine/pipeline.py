@@ -22,6 +22,7 @@ from .chain import OutputSink, Prepared, run_chain
 from ..errors import HermesError, RunTerminated, StageError
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
+from .merged import MergedStages, mergeable_runs
 from .plan import Plan
 from .sessions import SessionConfig
 from .templates import Templates
@@ -32,8 +33,8 @@ POLL_S = 0.05  # waits wake this often so KeyboardInterrupt reaches the inferenc
 
 @dataclass
 class Resident:
-    """What outlives a pass: prepared stages the plan keeps, by index, and the shared template sessions.
-    `close()` drops them all."""
+    """What outlives a pass: prepared stages the plan keeps, by index (a merged run under each of its
+    indices), and the shared template sessions. `close()` drops them all."""
 
     templates: Templates | None = None
     stages: dict[int, Prepared] = field(default_factory=dict)
@@ -49,7 +50,32 @@ class Resident:
         3x slower so at a pass's many positions)."""
         for i in [i for i, p in self.stages.items() if manifest.stages[i].name not in names
                   or getattr(p, "batched", batched) != batched or (getattr(p, "steps_only", False) and not decoding)]:
-            self.stages.pop(i).close()
+            self.drop(i)
+
+    def drop(self, i: int) -> None:
+        """Closes what stage i runs through; a merged run it belongs to is dropped whole."""
+        prepared = self.stages.pop(i, None)
+        if isinstance(prepared, MergedStages):
+            for k in range(prepared.start, prepared.stop):
+                self.stages.pop(k, None)
+        if prepared is not None:
+            prepared.close()
+
+    def merge_runs(self, directory: Path, manifest: Manifest, plan: Plan) -> None:
+        """Every maximal run of stages the plan keeps resident and prepacked as one session (engine/merged.py),
+        made once: a later plan with the same runs reuses them."""
+        lookups = self.templates.lookups() if self.templates else set()
+        for start, stop in mergeable_runs(manifest, plan, lookups):
+            held = self.stages.get(start)
+            if isinstance(held, MergedStages) and (held.start, held.stop) == (start, stop):
+                continue
+            for i in range(start, stop):
+                self.drop(i)
+                if self.templates is not None:  # each file hashed on first load, as a loader does (also a read)
+                    self.templates.integrity.stage(manifest.stages[i])
+            merged = MergedStages(directory, manifest, start, stop,
+                                  stage_config(plan, manifest.stages[start], self.log_severity))
+            self.stages.update(dict.fromkeys(range(start, stop), merged))
 
     def close(self) -> None:
         for prepared in self.stages.values():
@@ -87,6 +113,8 @@ class Pipeline:
         self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
         self.tracer = tracer or NullTracer()
         resident.keep_only(set(plan.resident), manifest, plan.batched_layout, decoding=cyclic)
+        if plan.merge_resident:
+            resident.merge_runs(directory, manifest, plan)
         self.cyclic = cyclic
         count = range(len(manifest.stages))
         self.schedule = Schedule([i for i in count if i not in resident.stages],

@@ -17,6 +17,7 @@ class Plan:
     predicted_steady_s: float  # later runs: resident stages are already loaded
     predicted_peak_bytes: int
     batched_layout: bool = False  # template stages read their matrices transposed (generation; `hermes batched`)
+    merge_resident: bool = True  # runs of resident prepacked stages as one session each (engine/merged.py)
 
     def streams(self, name: str) -> bool:
         return name not in self.resident

@@ -86,8 +86,10 @@ def open_stage(directory: Path, stage: StageSpec, config: SessionConfig) -> ort.
 
 def check_session_io(stage: StageSpec, session: ort.InferenceSession) -> None:
     """The graph on disk must take and give exactly what the manifest says."""
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
+    check_io(stage, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+
+
+def check_io(stage: StageSpec, inputs: list[str], outputs: list[str]) -> None:
     if sorted(inputs) != sorted(t.name for t in stage.inputs) or sorted(outputs) != sorted(
             t.name for t in stage.outputs):
         raise StageError(

@@ -197,6 +197,10 @@ class Templates:
             form = self.canonical[name]
         return form
 
+    def lookups(self) -> set[str]:
+        """Stages run through a template that only looks rows up (their pages are let go after each run)."""
+        return {name for name, form in self.forms.items() if form.looks_up_only}
+
     def session(self, form: Canonical, config: SessionConfig, transposed: tuple[str, ...] = (),
                 one_row: bool = False) -> ort.InferenceSession:
         """One session per graph, thread count (a generation plan may run fewer threads than a pass) and

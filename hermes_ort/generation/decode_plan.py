@@ -14,7 +14,8 @@ from ..planning import profiles
 from .decoding import CacheLayout
 from ..planning.estimate import UNPACKED_QUANTIZED_SLOWDOWN, estimate_profile
 from ..format.manifest import Manifest
-from ..planning.planner import Plan, Rules, plan
+from ..planning.planner import Plan, Rules, plan, usable
+from ..engine.merged import mergeable_runs
 from ..planning.profiles import Profile
 from ..engine.templates import Templates
 
@@ -109,6 +110,20 @@ def plan_generation(profile: Profile, layout: CacheLayout, manifest: Manifest, w
                   prepack_resident=not one_row, prepack=not one_row)
     chosen = plan(step, budget, cold, kv_cache_bytes=layout.bytes(work.batch, work.max_length), rules=rules)
     return dataclasses.replace(chosen, batched_layout=True) if transposed else chosen
+
+
+def with_merged_cache(chosen: Plan, layout: CacheLayout, manifest: Manifest, work: Workload,
+                      lookups: set[str]) -> Plan:
+    """A merged run of blocks (engine/merged.py) writes every present of its layers while it still reads
+    every past: their cache is held twice during the step, where stage by stage one layer's is. Merge
+    when that fits the budget (counted in the plan's peak), else run the stages one by one."""
+    runs = mergeable_runs(manifest, chosen, lookups)
+    merged = sum(stop - start for start, stop in runs if manifest.stages[start].kind != "head")
+    layers = max(len(layout.past) // 2, 1)
+    extra = layout.bytes(work.batch, work.max_length) * min(merged, layers) // layers
+    if not runs or chosen.predicted_peak_bytes + extra > usable(chosen.budget):
+        return dataclasses.replace(chosen, merge_resident=False)
+    return dataclasses.replace(chosen, predicted_peak_bytes=chosen.predicted_peak_bytes + extra)
 
 
 def has_transposed_layout(templates: Templates) -> bool:
