@@ -203,9 +203,8 @@ PEER_SHARES = {"hermes at llama.cpp's peak RSS": 1.0, "hermes at 0.7x llama.cpp'
 def at_peer_memory(directory: Path, manifest, common: list[str]) -> list[tuple[str, str, str, str]]:
     """hermes rows whose budgets are llama.cpp's own peak RSS (and 0.7x it), read from a llama.cpp run made
     here first: the question a board user asks is how fast hermes is in the memory llama.cpp takes."""
-    peer = warm_run(directory, manifest, "--worker", "llama.cpp", "--budget", "0", *common)
-    return [(name, str(int(peer["peak"] * share)), "hermes", str(int(peer["peak"] * share)))
-            for name, share in PEER_SHARES.items()]
+    peak = warm_run(directory, manifest, "--worker", "llama.cpp", "--budget", "0", *common)["peak"]
+    return [(name, str(int(peak * share)), "hermes", str(int(peak * share))) for name, share in PEER_SHARES.items()]
 
 
 def batched_layout(directory: Path, manifest) -> None:
