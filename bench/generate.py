@@ -37,6 +37,7 @@ from .machine import describe
 from .strategies import prepare_whole
 
 PROMPT = 32
+PEER_SHARES = {"hermes at llama.cpp's peak RSS": 1.0, "hermes at 0.7x llama.cpp's peak RSS": 0.7}
 
 
 class WholeModel:
@@ -195,9 +196,6 @@ def bench_model(directory: Path, budgets: list[str], batches: list[int], tokens:
     print(f"# {directory.name}{weights_note(manifest)}: {format_bytes(manifest.bytes)} on disk; page cache "
           f"(populated mappings, huge pages) {bandwidth / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
     return records, bandwidth
-
-
-PEER_SHARES = {"hermes at llama.cpp's peak RSS": 1.0, "hermes at 0.7x llama.cpp's peak RSS": 0.7}
 
 
 def at_peer_memory(directory: Path, manifest, common: list[str]) -> list[tuple[str, str, str, str]]:
