@@ -26,6 +26,7 @@ from .format.pinned import PinnedDirectory
 from .ort_api import (PROVIDER, UNSUPPORTED, ModelMetadata, budget_of, check_providers, log_severity_of,
                       threads_of)
 from .engine.pipeline import Pipeline, Resident
+from .engine.persistent import PersistentSessions
 from .planning.planner import Plan, plan
 from .planning.profiles import Profile
 from .engine.templates import Templates
@@ -112,7 +113,8 @@ class InferenceSession:
         self.last_generation_plan: Plan | None = None  # what the latest generation ran with (CLI stats)
         self._generation_plans: dict[Workload, Plan] = {}
         self.tracer = tracer
-        self._resident = Resident(templates, log_severity=log_severity_of(sess_options))
+        self._resident = Resident(templates, log_severity=log_severity_of(sess_options),
+                                  persistent=PersistentSessions.if_enabled())
         self._one_run_at_a_time = threading.Lock()  # passes share the resident stages and templates
         self._running_in: int | None = None  # the thread holding it
 

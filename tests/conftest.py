@@ -12,6 +12,15 @@ sys.path.insert(0, str(ROOT))  # `export` is a repo-root package, run as `python
 TINY = ("tiny-gpt2", "tiny-bert", "tiny-vit", "tiny-llama", "tiny-qwen2", "tiny-mistral")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pack_dir(tmp_path_factory):
+    """Saved packs (engine/packs.py) of this test session's models, apart from the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        where = tmp_path_factory.mktemp("packs")
+        patch.setenv("HERMES_PACK_DIR", str(where))
+        yield where
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -167,3 +167,19 @@ def test_rules_without_prepacking_prepack_nothing_even_where_it_would_pay():
         packed, plain = plan(cheap_prepack, budget, rules=DECODING), plan(cheap_prepack, budget, rules=rules)
         assert packed.prepacked and not plain.prepacked
         assert len(plain.resident) == resident
+
+
+def test_persistent_sessions_are_counted_between_their_loads():
+    """A streamed quantized stage keeps its session (engine/persistent.py): every streamed stage's parked
+    bytes are held beside the window, in the minimum budget and in each plan's predicted peak."""
+    kept = lambda s: dataclasses.replace(s, plain=dataclasses.replace(s.plain, parked_bytes=3 * MiB),
+                                         prepacked=dataclasses.replace(s.prepacked, parked_bytes=3 * MiB))
+    with_kept = profile(*[kept(s) for s in MODEL.stages])
+    assert minimum_budget(with_kept) - minimum_budget(MODEL) >= 10 * 3 * MiB
+    budget = minimum_budget(with_kept) + 5 * MiB
+    p = plan(with_kept, budget)
+    streamed = len(MODEL.stages) - len(p.resident)
+    assert streamed > 0 and p.predicted_peak_bytes <= 0.97 * budget
+    alone = plan(MODEL, budget)  # the same budget without kept sessions keeps more resident
+    assert len(alone.resident) > len(p.resident) or alone.window > p.window
+    assert p.predicted_peak_bytes >= MODEL.base_bytes + MODEL.transient_bytes + 10 * 3 * MiB

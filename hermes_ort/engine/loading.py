@@ -17,6 +17,7 @@ from ..errors import StageError
 from ..format.manifest import StageSpec
 from ..format.page_cache import bring_in
 from .sessions import SessionConfig, open_stage
+from .persistent import PersistentSessions
 from .prepared import MappedWeights, OwnedStage, TemplateStage, read_spans
 from .templates import Templates, WeightRef
 
@@ -41,17 +42,23 @@ def read_ahead(path: Path, start: int = 0, length: int | None = None, huge: bool
 
 
 def prepare(directory: Path, stage: StageSpec, config: SessionConfig, templates: Templates | None = None,
-            batched: bool = False, decoding: bool = False):
+            batched: bool = False, decoding: bool = False, persistent: PersistentSessions | None = None):
     """A stage ready to run. Through a shared template (weights mapped and populated here) when another
     stage shares its graph (`decoding`: whenever it can, Templates.form_for) and it is not prepacked, with
     its matrices transposed when `batched` and the model has a batched layout; else its own session, files
-    read ahead first (ORT releases the GIL while it creates it)."""
+    read ahead first (ORT releases the GIL while it creates it); a prepacked quantized stage, its session
+    kept for the process with its pages brought back (`persistent`: persistent.py)."""
     if templates is not None:
         templates.integrity.stage(stage)  # reads the files whole once: also a read-ahead of them
     form = templates.form_for(stage.name, decoding) if templates is not None else None
     if form is not None and config.prepacking and not form.looks_up_only:  # lookups have nothing to prepack
         form = None
     if form is None:
+        quantized = templates is not None and templates.canonical[stage.name].quantized
+        if persistent is not None and quantized and config.prepacking:
+            kept = persistent.acquire(directory, stage, quick_to_create(config, stage, templates))
+            if kept is not None:
+                return kept
         if templates is not None:  # just the span its weights occupy (a head part: its rows of wte)
             for location, (start, end) in read_spans(templates.canonical[stage.name].weights).items():
                 read_ahead(directory / location, start, end - start, location not in templates.tables)

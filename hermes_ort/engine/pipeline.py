@@ -23,6 +23,7 @@ from ..errors import HermesError, RunTerminated, StageError
 from ..format.manifest import Manifest, StageSpec
 from .memory import give_back
 from .merged import MergedStages, mergeable_runs
+from .persistent import PersistentSessions
 from .plan import Plan
 from .sessions import SessionConfig
 from .templates import Templates
@@ -34,11 +35,13 @@ POLL_S = 0.05  # waits wake this often so KeyboardInterrupt reaches the inferenc
 @dataclass
 class Resident:
     """What outlives a pass: prepared stages the plan keeps, by index (a merged run under each of its
-    indices), and the shared template sessions. `close()` drops them all."""
+    indices), the shared template sessions and the persistent ones. `close()` drops them all."""
 
     templates: Templates | None = None
     stages: dict[int, Prepared] = field(default_factory=dict)
     log_severity: int = 3  # of every ORT session this InferenceSession creates
+    persistent: PersistentSessions | None = None  # quantized stages' sessions kept for the process (persistent.py)
+    cold: bool = False  # every streamed stage's files leave the page cache after its use (a board's view)
 
     def names(self, manifest: Manifest) -> tuple[str, ...]:
         return tuple(manifest.stages[i].name for i in self.stages)
@@ -83,6 +86,8 @@ class Resident:
         self.stages.clear()
         if self.templates is not None:
             self.templates.close()
+        if self.persistent is not None:
+            self.persistent.close()
         give_back()
 
 
@@ -219,7 +224,7 @@ class Pipeline:
                 with self.tracer.span(f"load {stage.name}", "load"):
                     config = stage_config(self.plan, stage, self.resident.log_severity)
                     prepared = loading.prepare(self.directory, stage, config, self.resident.templates,
-                                               self.plan.batched_layout, self.cyclic)
+                                               self.plan.batched_layout, self.cyclic, self.resident.persistent)
             except BaseException as e:  # reaches the caller through _prepared_for, named by stage
                 with self.cond:
                     self.error = e if isinstance(e, HermesError) else StageError(
@@ -237,6 +242,10 @@ class Pipeline:
             try:
                 with self.tracer.span(f"destroy {stage.name}", "destroy"):
                     prepared.close()  # unmaps a template stage's weights; an owned session also trims the heap
+                    if self.resident.cold:
+                        loading.evict(self.directory, stage)
+                        if self.resident.persistent is not None:
+                            self.resident.persistent.evict(stage)
             except BaseException as e:  # reaches the caller like a loading failure; the slot is freed anyway
                 with self.cond:
                     self.error = self.error or StageError(f"{stage.describe()}: closing failed: {e}")

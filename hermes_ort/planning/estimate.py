@@ -20,6 +20,7 @@ from ..engine.templates import Templates
 
 SESSION_BYTES = 4 << 20  # a stage session's own state beside its weights (ORT kernels, thread pool)
 PACKED_SESSION_BYTES = 32 << 20  # prepacking adds buffers and an arena (hermes profile, GPT-2 medium: 14-20 MB)
+PARKED_BYTES = 1 << 20  # a persistent quantized session between loads (SmolLM2 native block: 0.41-0.46 MiB)
 STATE_BYTES = 16 << 20  # ORT's process-wide state and the running stage's activations
 LOAD_BYTES_PER_S = 1e9
 RUN_BYTES_PER_S = 2e9
@@ -64,7 +65,8 @@ def estimate_profile(manifest: Manifest, templates: Templates, feed: dict | None
         load, run = size / LOAD_BYTES_PER_S, size / RUN_BYTES_PER_S
         slowdown = UNPACKED_QUANTIZED_SLOWDOWN if form.quantized else 1
         plain = StageCost(load, load, run * slowdown, int(size * 1.1) + SESSION_BYTES)
-        packed = StageCost(3 * load, 3 * load, 0.85 * run, int(size * 2.1) + PACKED_SESSION_BYTES)
+        packed = StageCost(3 * load, 3 * load, 0.85 * run, int(size * 2.1) + PACKED_SESSION_BYTES,
+                           parked_bytes=PARKED_BYTES if form.quantized else 0)
         return StageProfile(s.name, s.bytes, plain, packed)
 
     cores = os.cpu_count() or 1

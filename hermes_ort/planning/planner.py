@@ -45,8 +45,17 @@ def cost(stage: StageProfile, prepacked: bool) -> StageCost:
 
 def minimum_budget(profile: Profile, kv_cache_bytes: int = 0) -> int:
     """The smallest budget any plan meets: one loader, window 1, nothing resident, no prepacking."""
-    need = profile.base_bytes + profile.transient_bytes + kv_cache_bytes + max(s.plain.bytes for s in profile.stages)
+    need = profile.base_bytes + profile.transient_bytes + kv_cache_bytes + largest_stage(profile) + parked(profile)
     return int(need / (1 - MARGIN)) + 1
+
+
+def largest_stage(profile: Profile) -> int:
+    return max(s.plain.bytes for s in profile.stages)
+
+
+def parked(profile: Profile) -> int:
+    """What persistent sessions (engine/persistent.py) hold between their loads, every stage streamed."""
+    return sum(s.plain.parked_bytes for s in profile.stages)
 
 
 def usable(budget: int) -> int:
@@ -84,10 +93,11 @@ def run_time(stage: StageProfile, prepacked: bool, resident: bool) -> float:
 
 
 def window_bytes(profile: Profile, resident: set[str], window: int, prepacked: set[str]) -> int:
-    """Memory of the streamed window: the `window` largest stages that are not resident."""
-    streamed = sorted((cost(s, s.name in prepacked).bytes for s in profile.stages if s.name not in resident),
-                      reverse=True)
-    return sum(streamed[:window])
+    """Memory of the streamed stages: the `window` largest of them loaded, and what every one of them
+    holds between loads (a persistent session's parked bytes)."""
+    costs = [cost(s, s.name in prepacked) for s in profile.stages if s.name not in resident]
+    streamed = sorted((c.bytes for c in costs), reverse=True)
+    return sum(streamed[:window]) + sum(c.parked_bytes for c in costs)
 
 
 def timings(profile: Profile, resident: set[str], prepacked: set[str], loaders: int, window: int,
@@ -164,7 +174,7 @@ def resident_bytes(cost: StageCost) -> int:
     loaded together held 165 KiB each beyond their profiles before running, 30 sessions of a one-MatMul
     graph 142 KiB each after a run, and with every stage but the head resident the steady RSS stood ~8 MiB
     above the plan (230.4 MiB against a 226.2 MiB budget)."""
-    return (cost.bytes if cost.held_bytes < 0 else cost.held_bytes) + RESIDENT_SESSION_BYTES
+    return (cost.bytes if cost.held_bytes < 0 else cost.held_bytes) + cost.parked_bytes + RESIDENT_SESSION_BYTES
 
 
 def creating_bytes(cost: StageCost) -> int:
@@ -198,11 +208,12 @@ def plan(profile: Profile, budget: int, cold: bool = False, kv_cache_bytes: int 
     least = minimum_budget(profile, kv_cache_bytes)
     if budget < least:
         cache = f" + KV cache at its maximum length {format_bytes(kv_cache_bytes)}" if kv_cache_bytes else ""
+        kept = f" + persistent sessions between loads {format_bytes(parked(profile))}" if parked(profile) else ""
         raise BudgetError(
             f"budget {format_bytes(budget)} is below the smallest feasible plan, {format_bytes(least)}: "
             f"process base {format_bytes(profile.base_bytes)} + tensors in flight "
-            f"{format_bytes(profile.transient_bytes)}{cache} + largest stage "
-            f"{format_bytes(max(s.plain.bytes for s in profile.stages))} + {MARGIN:.0%} margin")
+            f"{format_bytes(profile.transient_bytes)}{cache} + largest stage {format_bytes(largest_stage(profile))}"
+            f"{kept} + {MARGIN:.0%} margin")
     candidates = [make_plan(profile, budget, loaders, window, cold, kv_cache_bytes, rules.contended,
                             rules.prepack_resident, rules.prepack)
                   for window in range(1, min(MAX_WINDOW, len(profile.stages)) + 1)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.chain import last_position_only
-from ..engine.loading import evict, prepare
+from ..engine.loading import evict, prepare, quick_to_create
+from ..engine.persistent import PersistentSessions
 from ..format.manifest import Manifest, StageSpec
 from ..engine.memory import give_back, peak_rss, reset_peak, rss
 from .profiles import Profile, StageCost, StageProfile
@@ -60,6 +61,48 @@ def measure_stage(directory: Path, stage: StageSpec, tensors: dict, config: Sess
                      again), outputs
 
 
+def measure_persistent(directory: Path, stage: StageSpec, tensors: dict, config: SessionConfig, templates: Templates,
+                       persistent: PersistentSessions, decoding: bool = False) -> tuple[StageCost, dict] | None:
+    """A quantized stage through its persistent session (engine/persistent.py), as a streamed load pays it:
+    loads are its pages brought back (from disk when cold), not a session; parked_bytes is what the kept
+    session holds between loads, bytes what a load adds on top (the first opening's peak included: every
+    stage is opened once, beside the window). None where it runs through fresh sessions instead."""
+    give_back()
+    persistent.files.pack(directory, stage, quick_to_create(config, stage, templates))  # once per machine
+    before = rss()
+    exact_peak = reset_peak()
+    prepared = prepare(directory, stage, config, templates, False, decoding, persistent)
+    if not getattr(prepared, "persistent", False):
+        prepared.close()
+        return None
+    outputs = prepared.run(tensors)
+    start = time.perf_counter()
+    prepared.run(tensors)
+    again = time.perf_counter() - start
+    loaded, steady = peak_rss() if exact_peak else rss(), rss()
+    prepared.close()
+    give_back()
+    parked = rss()
+    held = parked - sum(v.nbytes for v in outputs.values())
+    loads = []
+    for cold in (True, False):
+        if cold:
+            evict(directory, stage)
+            persistent.evict(stage)
+        start = time.perf_counter()
+        prepared = prepare(directory, stage, config, templates, False, decoding, persistent)
+        load = time.perf_counter() - start
+        start = time.perf_counter()
+        prepared.run(tensors)
+        loads.append((load, time.perf_counter() - start))
+        prepared.close()
+    persistent.forget(stage.name)
+    give_back()
+    (cold_load, cold_run), (warm_load, run) = loads
+    return StageCost(cold_load + max(cold_run - run, 0), warm_load, run, max(max(loaded, steady) - parked, 0),
+                     max(steady - parked, 0), again, max(held - before, 0)), outputs
+
+
 def disk_bandwidth(directory: Path, manifest: Manifest) -> float:
     """Cold sequential read of the largest weight file, in bytes per second."""
     stage = max(manifest.stages, key=lambda s: s.bytes)
@@ -85,10 +128,14 @@ def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
     disk = disk_bandwidth(directory, manifest)
     tensors, last_use, stages, transient = dict(feed), manifest.last_use(), [], 0
     templates = Templates(directory, manifest)
+    persistent = PersistentSessions.if_enabled()
     for i, stage in progress(enumerate(manifest.stages), len(manifest.stages), "profile", show_progress):
         plain, outputs = measure_stage(directory, stage, tensors, SessionConfig(threads, False, False), templates,
                                        batched, decoding)
-        packed, _ = measure_stage(directory, stage, tensors, SessionConfig(threads, True, False), templates)
+        config = SessionConfig(threads, True, False)
+        kept = measure_persistent(directory, stage, tensors, config, templates, persistent, decoding) if (
+            persistent is not None and templates.canonical[stage.name].quantized) else None
+        packed = kept[0] if kept else measure_stage(directory, stage, tensors, config, templates)[0]
         stages.append(StageProfile(stage.name, stage.bytes, plain, packed))
         tensors = still_needed(tensors, outputs, last_use, i)
         transient = max(transient, sum(v.nbytes for v in tensors.values()))

@@ -25,6 +25,7 @@ class StageCost:
     held_bytes: int = -1  # what it keeps once created and run: prepacking's peak holds the mapped and the
     # packed weights at once, then lets the mapped ones go (-1: not measured, profiles before 2026-11-26)
     held_run_s: float = -1.0  # a later run of the same session: what a resident stage pays (-1: not measured)
+    parked_bytes: int = 0  # held between loads by a persistent session (engine/persistent.py), streamed or not
 
 
 @dataclass(frozen=True)
