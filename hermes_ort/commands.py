@@ -154,10 +154,35 @@ def cmd_warm(args) -> None:
 
     start = time.perf_counter()
     directory = Path(args.model_dir)
-    paths = page_cache.warm(directory, manifest_io.load(directory))
+    manifest = manifest_io.load(directory)
+    packed = saved_packs(directory, manifest)
+    paths = page_cache.warm(directory, manifest)
     print(f"{args.model_dir}: {len(paths)} weight files ({format_bytes(sum(p.stat().st_size for p in paths))}) "
           f"read into the page cache in {time.perf_counter() - start:.1f} s, in huge pages but for lookup "
-          f"tables: streamed stages map in a fraction of a millisecond")
+          f"tables: streamed stages map in a fraction of a millisecond" + (
+              f"; {len(packed)} quantized stages' packs saved or found intact under {packed[0].directory.parent}"
+              if packed else ""))
+
+
+def saved_packs(directory: Path, manifest) -> list:
+    """Every quantized stage's saved pack (engine/packs.py), built where missing or stale, and read into the
+    page cache: the first generation then opens each stage once, without packing it."""
+    from .engine import packs
+    from .engine.loading import quick_to_create
+    from .engine.sessions import SessionConfig
+    from .engine.templates import Templates
+    from .format import page_cache
+
+    if not packs.enabled():
+        return []
+    templates, files, found = Templates(directory, manifest), packs.PackFiles(), []
+    for stage in manifest.stages:
+        if templates.canonical[stage.name].quantized:
+            templates.integrity.stage(stage)
+            found.append(files.pack(directory, stage, quick_to_create(SessionConfig(), stage, templates)))
+            page_cache.recache(found[-1].data)
+    templates.close()
+    return found
 
 
 def print_generation_plan(args, manifest) -> None:

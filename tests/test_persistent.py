@@ -192,3 +192,22 @@ def test_a_plan_with_persistent_sessions_stays_within_its_budget(wide):
         result = json.loads(run.stdout.strip().splitlines()[-1])
         assert result["streamed"] > 0 and result["kept"] > 0  # persistent sessions streamed
         assert result["peak"] <= budget, f"peak {result['peak'] / 2**20:.1f} MiB over budget {budget / 2**20:.1f} MiB"
+
+
+def test_hermes_warm_saves_every_quantized_stages_pack_so_a_session_builds_none(native, tmp_path, monkeypatch):
+    monkeypatch.setenv(packs.PACK_DIR_ENV, str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "hermes_ort", "warm", str(native)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    manifest = manifest_io.load(native)
+    templates = Templates(native, manifest)
+    quantized = [s for s in manifest.stages if templates.canonical[s.name].quantized]
+    assert f"{len(quantized)} quantized stages' packs" in out.stdout
+    monkeypatch.setattr(packs, "build", lambda *a: pytest.fail("a pack hermes warm saved was built again"))
+    kept = PersistentSessions(packs.PackFiles(tmp_path))
+    try:
+        for stage in quantized:
+            prepare(native, stage, CONFIG, templates, persistent=kept).close()
+        assert set(kept.held) == {s.name for s in quantized}
+    finally:
+        kept.close()
+        templates.close()
