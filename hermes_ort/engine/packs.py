@@ -182,6 +182,7 @@ def build(model_dir: Path, stage: StageSpec, config: SessionConfig, where: Path,
         except Exception as e:  # ORT's pybind errors
             raise StageError(f"{stage.describe()}: cannot save its pack to {tmp}: {e}") from e
         packed = packed_bytes(tmp / GRAPH)
+        (tmp / DATA).touch()  # absent when every initializer was small enough to stay in the graph
         recache(tmp / DATA)  # ORT wrote it in small pages: read back in huge ones (page_cache.py)
         files = {name: sha256_mapped(tmp / name) for name in (GRAPH, DATA)}
         (tmp / META).write_text(json.dumps({**meta, "files": files, "packed_bytes": packed}, indent=1))
