@@ -271,6 +271,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>-<host>)")
     p.add_argument("--repeats", type=int, default=1, help="runs of every strategy, in rounds; the table shows "
                    "the median run's figures, the range of tokens/s, and the highest peak RSS")
+    p.add_argument("--cold-every-token", action="store_true", help="streamed stages read from storage at every "
+                   "use, one row per model and budget (bench/cold.py)")
     p.add_argument("--worker", choices=["whole", "hermes", "stream-everything", "llama.cpp"], help=argparse.SUPPRESS)
     p.add_argument("--budget", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -280,6 +282,10 @@ def main(argv=None) -> None:
         budget = parse_budget(args.budget, manifest_io.load(directory).bytes) if args.budget != "0" else None
         print(json.dumps(worker(args.worker, directory, budget, args.batch, args.tokens)))
         return
+    if args.cold_every_token:
+        from .cold import run
+
+        return run(args.model_dirs, args.budgets.split(","), args.tokens, args.out)
     records, bandwidths = [], {}
     batches = [int(b) for b in args.batches.split(",")]
     with results.progress(len(args.model_dirs) * len(batches)) as bar:

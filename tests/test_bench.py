@@ -118,3 +118,28 @@ def test_bench_generate_runs_hermes_at_llama_cpps_own_peak(tmp_path, monkeypatch
     assert [(name, int(budget)) for name, budget, worker, _ in rows] == [
         ("hermes at llama.cpp's peak RSS", 150 << 20), ("hermes at 0.7x llama.cpp's peak RSS", int(0.7 * (150 << 20)))]
     assert all(worker == "hermes" and arg == budget for _, budget, worker, arg in rows)
+
+
+def test_bench_generate_cold_every_token_reads_streamed_stages_from_storage(tmp_path):
+    """--cold-every-token: one row per model and budget, with the bytes each token read from storage, the
+    disk's bandwidth from the same run and the floor they set; streamed stages made cold after each use."""
+    import json
+    import subprocess
+    import sys
+
+    from tiny_gguf import TinyConfig, write_tiny_gguf
+    from hermes_ort.convert import convert_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", TinyConfig(layers=2, hidden=256, heads=4, kv_heads=2, ffn=512))
+    model = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "model", "native", 0).directory
+    refused = subprocess.run([sys.executable, "-m", "hermes_ort", "generate", str(model), "--ids", "5,17",
+                              "--max-new-tokens", "1", "--budget", "1MiB"], capture_output=True, text=True)
+    least = float(refused.stderr.split("smallest feasible plan, ")[1].split(" MiB")[0])
+    out = subprocess.run([sys.executable, "-m", "bench.generate", str(model), "--cold-every-token", "--budgets",
+                          f"{least + 4:.1f}MiB",
+                          "--tokens", "3", "--out", str(tmp_path / "results")], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "read from disk per token" in out.stdout and "floor tokens/s" in out.stdout
+    record = json.loads((tmp_path / "results" / "generate-cold.json").read_text())["records"][0]
+    assert record["streamed"] > 0 and record["disk_bytes_per_s"] > 0 and record["read_per_token"] >= 0
