@@ -18,7 +18,9 @@ def draw(kind: str, records: list[dict], out: Path) -> list[Path]:
         return [p for p in (against_budget(records, out, "first_s", "latency s", "latency-vs-budget.png"),
                             against_budget(records, out, "peak_rss", "peak RSS MiB", "peak-rss-vs-budget.png"),
                             against_loaders(records, out)) if p]
-    return [p for p in (decode_against_budget(records, out),) if p]
+    if kind == "generate":
+        return [p for p in (decode_against_budget(records, out),) if p]
+    return []  # other kinds (accuracy, cold decoding): their one table says it all
 
 
 def by_model(records: list[dict]) -> dict[str, list[dict]]:
