@@ -22,7 +22,6 @@ from .format import manifest as manifest_io
 from .errors import ManifestError
 from .format.manifest import VERSION, sha256_of
 from .format.pinned import remove_if_unused
-from .graphs.split import split_model
 
 CACHE_ENV = "HERMES_ORT_CACHE"
 MARKER = "hermes-cache.json"
@@ -94,6 +93,8 @@ def usable(entry: Path, key: str) -> bool:
 
 
 def build(source: Path | bytes, entry: Path, key: str, root: Path) -> None:
+    from .graphs.split import split_model  # the `onnx` package: only a process that splits a model loads it
+
     shutil.rmtree(entry, ignore_errors=True)  # a broken entry is rebuilt, not repaired
     if isinstance(source, bytes):
         scratch = root / f".{key}.source.onnx"

@@ -65,7 +65,7 @@ def test_gemm_and_matmul_rewritten_give_the_same_outputs():
         initializer=[helper.make_tensor("rows", TensorProto.INT64, [2], [-1, 8]),
                      helper.make_tensor("back", TensorProto.INT64, [3], [3, -1, 12])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    names = transposable(model, {"w1": (8, 12), "c": (12,), "w2": (12, 5)})
+    names = transposable(model.SerializeToString(), {"w1": (8, 12), "c": (12,), "w2": (12, 5)})
     assert names == ["w1", "w2"]  # a vector is not a matrix to transpose
     x = rng.standard_normal((3, 4, 8), np.float32)
     run = lambda m, feed: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feed)[0]
@@ -85,7 +85,8 @@ def test_a_weight_read_otherwise_too_is_left_as_stored():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4]),
          helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 4])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 4])])
-    assert transposable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"w": (4, 4)}) == []
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert transposable(model.SerializeToString(), {"w": (4, 4)}) == []
 
 
 def test_batched_generation_reads_the_transposed_files_and_gives_the_same_tokens(model, monkeypatch):

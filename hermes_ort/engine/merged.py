@@ -36,10 +36,10 @@ class MergedStages:
         self.inputs, self.outputs = crossing(manifest, start, stop)
         opts = session_options(config)
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
-        model = merged_model(directory, manifest, start, stop, check_io).SerializeToString()
+        model = merged_model(directory, manifest, start, stop, check_io)
         try:
             self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT's pybind errors, onnx's load errors
+        except Exception as e:  # ORT's pybind errors
             raise StageError(f"{self.describe()}: cannot create their merged session: {e}") from e
 
     def describe(self) -> str:

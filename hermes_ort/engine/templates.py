@@ -5,6 +5,9 @@ A fresh session per block costs its creation and a slow first run (allocations, 
 inference agent's critical path. A template is created once; streaming a block is then only mapping its
 weights, which the loading agent does with every page present (page_cache.py: the disk read and the
 page-table fill happen there, not as page faults inside run()).
+
+Stage graphs are read and templates written over the wire format (format/onnx_proto.py): opening a model
+does not import the `onnx` package.
 """
 from __future__ import annotations
 
@@ -13,16 +16,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import helper
 
 from ..errors import StageError
 from ..format.integrity import FirstLoadCheck
 from ..format.manifest import Manifest, StageSpec
+from ..format.onnx_proto import NUMPY_NAMES, Graph, Model, Node, Tensor, Value, load_graph
 from ..format.batched_layout import BatchedLayout, load_layout
-from ..format.page_cache import looked_up_files
+from ..format.page_cache import lookup_files
 from ..graphs.transposed import rewrite, rewrite_one_row
 from .sessions import SessionConfig, session_options
 
@@ -52,6 +53,7 @@ class Canonical:
     needs_initializers: bool  # a kernel that must prepack its weight: fed as an input it redoes that every run
     quantized: bool  # MatMulNBits: without prepacking it dequantizes its whole matrix every run
     index_bounds: tuple[tuple[str, int], ...] = ()  # global inputs that index a table's rows, and its row count
+    table_files: frozenset[str] = frozenset()  # data files holding a table a lookup reads rows of (page_cache.py)
 
     @property
     def looks_up_only(self) -> bool:
@@ -62,43 +64,51 @@ class Canonical:
 def canonicalize(directory: Path, stage: StageSpec) -> Canonical:
     path = directory / stage.graph.path
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
+        return canonical_form(load_graph(path))
+    except (OSError, ValueError) as e:  # an unreadable file; wire.WireError, a name that is not UTF-8
         raise StageError(f"{stage.describe()}: cannot load {path}: {e}") from e
+    except KeyError as e:  # an external weight without a location or length
+        raise StageError(f"{stage.describe()}: {path} names an external weight without its {e}") from e
+
+
+def canonical_form(model: Model) -> Canonical:
+    """The template of a stage graph: tensors renamed by position (inputs in_k, outputs out_k, external
+    weights w_k), node names cleared, external weights declared as inputs; what else the graph holds is
+    kept, so stages with one graph form give equal bytes."""
     graph = model.graph
-    external = [t for t in graph.initializer if t.external_data]
-    rename = {v.name: f"in_{k}" for k, v in enumerate(graph.input)}
-    rename |= {v.name: f"out_{k}" for k, v in enumerate(graph.output)}
+    external = [t for t in graph.initializers if t.external]
+    rename = {v.name: f"in_{k}" for k, v in enumerate(graph.inputs)}
+    rename |= {v.name: f"out_{k}" for k, v in enumerate(graph.outputs)}
     rename |= {t.name: f"w_{k}" for k, t in enumerate(external)}
     tables = lookup_tables(graph)
     weights = tuple(weight_ref(rename[t.name], t, t.name in tables) for t in external)
-    nodes = [renamed(n, rename) for n in graph.node]
-    inputs = [retyped(v, rename) for v in graph.input] + [
-        helper.make_tensor_value_info(w.input_name, helper.np_dtype_to_tensor_dtype(np.dtype(w.dtype)), w.shape)
-        for w in weights]
-    body = helper.make_graph(nodes, "template", inputs, [retyped(v, rename) for v in graph.output],
-                             initializer=[t for t in graph.initializer if not t.external_data])
-    template = helper.make_model(body, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                                 functions=list(model.functions)).SerializeToString()
+    nodes = [n.renamed(lambda t: rename.get(t, t), name="") for n in graph.nodes]  # names mean nothing to ORT
+    inputs = [v.renamed(rename[v.name]) for v in graph.inputs] + [
+        Value.tensor(w.input_name, t.data_type, w.shape) for w, t in zip(weights, external)]
+    body = Graph.make(nodes, "template", inputs, [v.renamed(rename[v.name]) for v in graph.outputs],
+                      [t for t in graph.initializers if not t.external])
+    template = Model.make(body, model.opset_imports, model.ir_version, model.functions).to_bytes()
     weight_inputs = {w.input_name for w in weights}
     prepacks = any(repacks_every_run(n, weight_inputs) for n in nodes)
     quantized = any(n.op_type == "MatMulNBits" for n in nodes)
-    return Canonical(hashlib.sha256(template).hexdigest(), template, tuple(v.name for v in graph.input),
-                     tuple(v.name for v in graph.output), weights, prepacks, quantized, index_bounds(graph))
+    return Canonical(hashlib.sha256(template).hexdigest(), template, tuple(v.name for v in graph.inputs),
+                     tuple(v.name for v in graph.outputs), weights, prepacks, quantized, index_bounds(graph),
+                     lookup_files(graph))
 
 
-def index_bounds(graph: onnx.GraphProto) -> tuple[tuple[str, int], ...]:
+def index_bounds(graph: Graph) -> tuple[tuple[str, int], ...]:
     """Graph inputs used directly as row indices of a weight table (token ids into the vocabulary, position
     ids into GPT-2's position table), with the table's row count: out of range, ORT's Gather fails only when
     the stage runs, deep in a pass."""
-    rows = {t.name: t.dims[0] for t in graph.initializer if t.dims}
-    inputs = {v.name for v in graph.input}
+    rows = {t.name: t.dims[0] for t in graph.initializers if t.dims}
+    inputs = {v.name for v in graph.inputs}
     bounds = {}
-    for n in graph.node:
-        axis = next((a.i for a in n.attribute if a.name in ("axis", "gather_axis")), 0)
-        if n.op_type in ("Gather", "GatherBlockQuantized") and axis == 0 and n.input[0] in rows and (
-                n.input[1] in inputs):
-            bounds[n.input[1]] = min(bounds.get(n.input[1], rows[n.input[0]]), rows[n.input[0]])
+    for n in graph.nodes:
+        if n.op_type not in ("Gather", "GatherBlockQuantized"):
+            continue
+        axis = next((a.i for a in n.attributes if a.name in ("axis", "gather_axis")), 0)
+        if axis == 0 and n.inputs[0] in rows and n.inputs[1] in inputs:
+            bounds[n.inputs[1]] = min(bounds.get(n.inputs[1], rows[n.inputs[0]]), rows[n.inputs[0]])
     return tuple(bounds.items())
 
 
@@ -119,44 +129,31 @@ def check_extents(directory: Path, manifest: Manifest, canonical: dict[str, Cano
                                  f"tensors")
 
 
-def repacks_every_run(node: onnx.NodeProto, weights: set[str]) -> bool:
+def repacks_every_run(node: Node, weights: set[str]) -> bool:
     """Gemm(transB=1) transposes a weight input every run; MatMulNBits with its bits as an input falls back
     to dequantizing the whole matrix every run (SmolLM2 native: 1.2 against 40+ tokens/s)."""
     if node.op_type == "MatMulNBits":
-        return len(node.input) > 1 and node.input[1] in weights
-    return node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in weights and any(
-        a.name == "transB" and a.i == 1 for a in node.attribute)
+        return len(node.inputs) > 1 and node.inputs[1] in weights
+    trans_b = node.attribute("transB")
+    return node.op_type == "Gemm" and len(node.inputs) > 1 and node.inputs[1] in weights and (
+        trans_b is not None and trans_b.i == 1)
 
 
-def weight_ref(name: str, tensor: onnx.TensorProto, looked_up: bool) -> WeightRef:
-    info = {e.key: e.value for e in tensor.external_data}
+def weight_ref(name: str, tensor: Tensor, looked_up: bool) -> WeightRef:
+    info = tensor.external
+    if tensor.data_type not in NUMPY_NAMES:
+        raise ValueError(f"weight {tensor.name!r} has ONNX data type {tensor.data_type}, which has no numpy dtype")
     return WeightRef(name, info["location"], int(info.get("offset", 0)), int(info["length"]),
-                     helper.tensor_dtype_to_np_dtype(tensor.data_type).name, tuple(tensor.dims), looked_up)
+                     NUMPY_NAMES[tensor.data_type], tensor.dims, looked_up)
 
 
-def lookup_tables(graph: onnx.GraphProto) -> set[str]:
+def lookup_tables(graph: Graph) -> set[str]:
     """Tensors read only as the data of a Gather (embedding tables)."""
     uses: dict[str, set[str]] = {}
-    for n in graph.node:
-        for k, t in enumerate(n.input):
+    for n in graph.nodes:
+        for k, t in enumerate(n.inputs):
             uses.setdefault(t, set()).add("table" if n.op_type == "Gather" and k == 0 else "other")
     return {t for t, kinds in uses.items() if kinds == {"table"}}
-
-
-def renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    copy.input[:] = [rename.get(t, t) for t in node.input]
-    copy.output[:] = [rename.get(t, t) for t in node.output]
-    copy.name = ""  # node names differ between blocks and mean nothing to ORT
-    return copy
-
-
-def retyped(value: onnx.ValueInfoProto, rename: dict[str, str]) -> onnx.ValueInfoProto:
-    copy = onnx.ValueInfoProto()
-    copy.CopyFrom(value)
-    copy.name = rename[value.name]
-    return copy
 
 
 class Templates:
@@ -170,7 +167,7 @@ class Templates:
     def __init__(self, directory: Path, manifest: Manifest):
         self.directory, self.manifest = directory, manifest
         self.canonical = {s.name: canonicalize(directory, s) for s in manifest.stages}
-        self.tables = frozenset(looked_up_files(directory, manifest))  # read into small pages (page_cache.py)
+        self.tables = frozenset().union(*(f.table_files for f in self.canonical.values()))  # in small pages
         self.integrity = FirstLoadCheck(directory, small_pages=self.tables)  # each file hashed once per session
         check_extents(directory, manifest, self.canonical)
         counts: dict[str, int] = {}

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from ..errors import HermesError
 from ..graphs.transposed import transposable
@@ -58,8 +57,7 @@ def transposed_inputs(templates) -> dict[str, list[str]]:
     found = {}
     for form in templates.forms.values():
         if form.key not in found and not form.looks_up_only:
-            found[form.key] = transposable(onnx.load_from_string(form.model),
-                                           {w.input_name: w.shape for w in form.weights if not w.looked_up})
+            found[form.key] = transposable(form.model, {w.input_name: w.shape for w in form.weights if not w.looked_up})
     return found
 
 

@@ -22,9 +22,8 @@ import mmap
 import os
 from pathlib import Path
 
-import onnx
-
 from .manifest import Manifest
+from .onnx_proto import Graph, load_graph
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 HUGE_PAGE = 2 << 20
@@ -111,10 +110,11 @@ LOOKUPS = ("Gather", "GatherBlockQuantized")
 
 def looked_up_files(directory: Path, manifest: Manifest) -> set[str]:
     """Data files holding a tensor some stage uses as the table of a row lookup."""
-    found = set()
-    for stage in manifest.stages:
-        graph = onnx.load(str(directory / stage.graph.path), load_external_data=False).graph
-        tables = {n.input[0] for n in graph.node if n.op_type in LOOKUPS and n.input}
-        found |= {e.value for t in graph.initializer if t.name in tables for e in t.external_data
-                  if e.key == "location"}
-    return found
+    return {name for stage in manifest.stages for name in lookup_files(load_graph(directory / stage.graph.path).graph)}
+
+
+def lookup_files(graph: Graph) -> frozenset[str]:
+    """Data files holding a tensor the graph uses as the table of a row lookup."""
+    tables = {n.inputs[0] for n in graph.nodes if n.op_type in LOOKUPS and n.inputs}
+    return frozenset(t.external["location"] for t in graph.initializers
+                     if t.name in tables and "location" in t.external)
