@@ -154,9 +154,9 @@ def add_convert(sub) -> None:
     conv.add_argument("--precision", choices=["native", "fp32", "int8", "int4"], default="native",
                       help="native keeps Q4_0/Q4_1/Q8_0 blocks as ORT's MatMulNBits (default); fp32 dequantizes; "
                       "int8/int4 re-quantize the fp32 conversion as hermes quantize does")
-    conv.add_argument("--accuracy-level", type=int, choices=[0, 4], default=0, help="native: MatMulNBits "
-                      "arithmetic: 0 float32, exact (Q8_0 matrices dequantized; default), 4 int8 activations "
-                      "(smaller and faster, less exact)")
+    conv.add_argument("--accuracy-level", type=int, choices=[0, 4], help="MatMulNBits arithmetic: 4 int8 "
+                      "activations per 32-block, as llama.cpp computes (default for native), 0 float32, exact "
+                      "(default for int8/int4)")
     conv.set_defaults(func=cmd_convert)
 
 

@@ -92,7 +92,8 @@ def cmd_convert(args) -> None:
     result = convert_gguf(args.gguf, args.out, args.precision, args.accuracy_level, progress=show)
     print(file=sys.stderr)
     m = result.manifest
-    print(f"converted {args.gguf} ({m.family}, {m.config['num_hidden_layers']} layers, {args.precision}): "
+    level = f", accuracy level {m.extra['accuracy_level']}" if "accuracy_level" in m.extra else ""
+    print(f"converted {args.gguf} ({m.family}, {m.config['num_hidden_layers']} layers, {args.precision}{level}): "
           f"{len(m.stages)} stages, {format_bytes(m.bytes)} -> {args.out} in {result.seconds:.1f} s; self-check "
           f"max relative diff {result.max_diff:.2g} (tolerance {m.extra['tolerance']})")
     for note in result.notes:

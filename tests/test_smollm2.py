@@ -38,7 +38,7 @@ def conversions(tmp_path_factory):
 
     def get(precision: str) -> Path:
         if precision not in made:
-            made[precision] = convert_gguf(smollm2_file(), root / precision, precision).directory
+            made[precision] = convert_gguf(smollm2_file(), root / precision, precision, 0).directory
         return made[precision]
 
     return get
