@@ -32,7 +32,7 @@ from hermes_ort.planning.planner import Plan
 from hermes_ort.planning.report import table
 from hermes_ort.format.manifest import weights_note
 
-from . import results
+from . import cold, results
 from .machine import describe
 from .strategies import prepare_whole
 
@@ -271,8 +271,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>-<host>)")
     p.add_argument("--repeats", type=int, default=1, help="runs of every strategy, in rounds; the table shows "
                    "the median run's figures, the range of tokens/s, and the highest peak RSS")
-    p.add_argument("--cold-every-token", action="store_true", help="streamed stages read from storage at every "
-                   "use, one row per model and budget (bench/cold.py)")
+    p.add_argument("--cold-every-token", action="store_true", help="streamed stages read from disk (bench/cold.py)")
     p.add_argument("--worker", choices=["whole", "hermes", "stream-everything", "llama.cpp"], help=argparse.SUPPRESS)
     p.add_argument("--budget", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -283,9 +282,7 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args.worker, directory, budget, args.batch, args.tokens)))
         return
     if args.cold_every_token:
-        from .cold import run
-
-        return run(args.model_dirs, args.budgets.split(","), args.tokens, args.out)
+        return cold.run(args.model_dirs, args.budgets.split(","), args.tokens, args.out)
     records, bandwidths = [], {}
     batches = [int(b) for b in args.batches.split(",")]
     with results.progress(len(args.model_dirs) * len(batches)) as bar:
