@@ -129,8 +129,27 @@ def test_weights_ort_packed_on_the_heap_fall_back_to_fresh_sessions_with_a_warni
         assert isinstance(fallback, OwnedStage)
         got = fallback.run(feed)
         assert all(np.array_equal(got[k], want[k]) for k in want)
+        later = packs_in(tmp_path)  # another process: the verdict is in pack.json, no kept session is tried
+        assert isinstance(prepare(directory, stage, CONFIG, templates, persistent=later), OwnedStage)
+        assert later.held == {} and stage.name in later.heap_packed
     finally:
         kept.close()
+
+
+def test_a_stage_closed_after_its_session_records_no_heap_verdict(block, tmp_path):
+    """Sessions closed before the stages using them (a process ending): no smaps check of a gone mapping."""
+    directory, stage, templates, feed = block
+    kept = packs_in(tmp_path)
+    loaded = prepare(directory, stage, CONFIG, templates, persistent=kept)
+    loaded.run(feed)
+    kept.close()
+    loaded.close()
+    again = packs_in(tmp_path)
+    try:
+        assert getattr(prepare(directory, stage, CONFIG, templates, persistent=again), "persistent", False)
+        assert not kept.heap_packed
+    finally:
+        again.close()
 
 
 def plan_of(names, resident=()) -> Plan:
@@ -211,3 +230,28 @@ def test_hermes_warm_saves_every_quantized_stages_pack_so_a_session_builds_none(
     finally:
         kept.close()
         templates.close()
+
+
+def test_parked_bytes_sum_to_what_closing_the_kept_sessions_gave_back(monkeypatch):
+    """One stage's delta misses what the kept sessions hold together; the profile scales them to the RSS
+    that closing them all frees, in each stage's measured proportion."""
+    from hermes_ort.planning import profiler
+    from hermes_ort.planning.profiles import StageCost, StageProfile
+
+    readings = iter([100 << 20, 70 << 20])  # before closing, after
+    monkeypatch.setattr(profiler, "rss", lambda: next(readings))
+    cost = lambda parked: StageCost(0, 0, 0, 1, parked_bytes=parked)
+    stages = [StageProfile("a", 1, cost(0), cost(1 << 20)), StageProfile("b", 1, cost(0), cost(2 << 20)),
+              StageProfile("c", 1, cost(0), cost(0))]
+
+    class Kept:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    kept = Kept()
+    scaled = profiler.parked_as_freed(stages, kept)
+    assert kept.closed
+    assert [s.prepacked.parked_bytes for s in scaled] == [10 << 20, 20 << 20, 0]
+    assert [s.plain for s in scaled] == [s.plain for s in stages]

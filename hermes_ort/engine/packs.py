@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 from ..errors import StageError
 from ..format.manifest import StageSpec
+from ..format.onnx_proto import load_graph
 from ..format.page_cache import recache, sha256_mapped
 from .sessions import SessionConfig, check_session_io, session_options
 
@@ -84,6 +85,7 @@ class Pack:
 
     directory: Path
     packed_bytes: int
+    heap_packed: bool = False  # a session on it packed its weights on the heap anyway (persistent.py)
 
     @property
     def graph(self) -> Path:
@@ -145,9 +147,21 @@ class PackFiles:
             for name, digest in meta["files"].items():
                 if sha256_mapped(where / name) != digest:
                     return stale(where / name, "does not match its sha256 in pack.json (altered or corrupt)")
-            return Pack(where, int(meta["packed_bytes"]))
+            return Pack(where, int(meta["packed_bytes"]), bool(meta.get("heap_packed")))
         except (OSError, ValueError, KeyError, TypeError) as e:
             return stale(where / META, f"cannot be read ({type(e).__name__}: {e})")
+
+    def mark_heap_packed(self, pack: Pack) -> None:
+        """Records in pack.json that ORT does not read this pack in place, so later processes open fresh
+        sessions for the stage without trying a kept one first."""
+        meta_file = pack.directory / META
+        try:
+            meta = json.loads(meta_file.read_text())
+            meta_file.write_text(json.dumps({**meta, "heap_packed": True}, indent=1))
+        except (OSError, ValueError):  # another process rebuilt it meanwhile: it finds out again
+            return
+        with self.lock:
+            self.checked[str(pack.directory)] = dataclasses.replace(pack, heap_packed=True)
 
     def forget(self, pack: Pack, why: str) -> None:
         """A pack ORT refused or did not read from disk: one line, its files removed, built again next time."""
@@ -200,14 +214,9 @@ def build(model_dir: Path, stage: StageSpec, config: SessionConfig, where: Path,
 def packed_bytes(graph: Path) -> int:
     """Bytes of the packed blobs a saved graph points at (its initializers' `prepacked_*` external-data
     entries: "kernel key|offset;length;alignment|..."); 0 when ORT saved none."""
-    import onnx  # conversion-side: only when a pack is built
-
-    total = 0
-    for tensor in onnx.load(str(graph), load_external_data=False).graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key.startswith("prepacked"):
-                total += sum(int(blob.split(";")[1]) for blob in entry.value.split("|")[1:])
-    return total
+    return sum(int(blob.split(";")[1]) for tensor in load_graph(graph).graph.initializers
+               for key, value in tensor.external.items() if key.startswith("prepacked")
+               for blob in value.split("|")[1:])
 
 
 def open_pack(pack: Pack, stage: StageSpec, config: SessionConfig):

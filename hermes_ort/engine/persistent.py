@@ -97,6 +97,10 @@ class PersistentSessions:
             held = self.held.get(stage.name)
         if held is None:
             pack = self.files.pack(model_dir, stage, config)
+            if pack.heap_packed or not pack.packed_bytes:  # a kept session would hold its packed weights
+                with self.lock:  # on the heap, and its pack's pages and its source's too
+                    self.heap_packed.add(stage.name)
+                return None
             try:
                 session = open_pack(pack, stage, config)
             except Exception as e:  # ORT refuses a pack whose blobs differ from what its kernel makes
@@ -119,11 +123,14 @@ class PersistentSessions:
             held.users -= 1
             if held.users > 0:
                 return
+            if held.session is None:  # closed meanwhile (the process's sessions went first): nothing to judge
+                return
             if held.ran and not held.checked:
                 held.checked, held.ranges = True, mappings_of(held.pack.data)
                 if resident_bytes(held.ranges) < FILE_BACKED_SHARE * held.pack.packed_bytes:
                     self.heap_packed.add(stage.name)
                     self.held.pop(stage.name, None)
+                    self.files.mark_heap_packed(held.pack)
                     warnings.warn(f"{stage.describe()}: onnxruntime packed its weights on the heap instead of "
                                   f"reading {held.pack.data}: it streams through a fresh session per load",
                                   stacklevel=2)
