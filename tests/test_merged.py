@@ -75,8 +75,46 @@ def test_merged_decoding_gives_the_same_tokens_as_streamed(native, ort_runs):
     del ort_runs[:]
     with hermes_ort.InferenceSession(native, plan_override=plan_of(names, resident=names)) as session:
         got = hermes_ort.generate(session, ids, 8)
+        (run,) = {id(p): p for p in session._resident.stages.values()}.values()
+        assert run.spinning  # nothing streams: one pool, spinning as whole-model ORT does
     assert got.tolist() == want.tolist()
-    assert len(ort_runs) == 2 * 8  # a prefill and seven steps, two runs each
+    assert len(ort_runs) == 8  # a prefill and seven steps, one run each: the head cut inside the graph
+
+
+def test_a_pass_after_a_generation_gives_every_positions_logits(native, ort_runs):
+    """The generation's run cuts the head's input to the last position: a later pass must not use it."""
+    ids = np.array([[5, 17, 260, 99, 3, 42]])
+    manifest = hermes_ort.format.manifest.load(native)
+    names = [s.name for s in manifest.stages]
+    with hermes_ort.InferenceSession(native, plan_override=plan_of(names)) as streamed:
+        want = streamed.run(None, feed_of(streamed, ids))
+    with hermes_ort.InferenceSession(native, plan_override=plan_of(names, resident=names)) as session:
+        hermes_ort.generate(session, ids[:, :3], 2)
+        got = session.run(None, feed_of(session, ids))
+        step = hermes_ort.generate(session, ids, 1)
+    for w, g in zip(want, got):
+        assert w.shape == g.shape and np.max(np.abs(w - g)) <= 1e-5
+    logits = want[[t.name for t in manifest.outputs].index("logits")]
+    assert step[0, -1] == logits[0, -1].argmax()
+
+
+def test_a_merged_step_run_gives_the_chains_last_position_logits(native):
+    """The Slice inside the merged graph gives what run_chain.last_position_only gives outside it, at a
+    prefill's many positions (1e-5)."""
+    from hermes_ort.engine.chain import run_chain
+    from hermes_ort.engine.merged import MergedStages
+    from hermes_ort.engine.sessions import SessionConfig
+
+    manifest = hermes_ort.format.manifest.load(native)
+    with hermes_ort.InferenceSession(native, plan_override=plan_of([s.name for s in manifest.stages])) as s:
+        feed = feed_of(s, np.array([[5, 17, 260, 99, 3, 42]]))
+        with s.engine() as engine:
+            want = engine.run(dict(feed), decoding=True)
+    whole = MergedStages(native, manifest, 0, len(manifest.stages), SessionConfig(1), decoding=True)
+    got = run_chain(manifest, dict(feed), lambda i: whole, decoding=True)
+    assert whole.steps_only and got["logits"].shape == want["logits"].shape == (1, 1, want["logits"].shape[-1])
+    for name in want:
+        assert np.max(np.abs(want[name] - got[name])) <= 1e-5
 
 
 def stage(name: str, kind: str) -> StageSpec:
@@ -100,6 +138,11 @@ ALL = [s.name for s in MODEL.stages]
 ])
 def test_mergeable_runs(resident, prepacked, lookups, runs):
     assert mergeable_runs(MODEL, plan_of(ALL, resident, prepacked), lookups) == runs
+
+
+def test_a_generation_merges_the_head_with_the_blocks_before_it():
+    assert mergeable_runs(MODEL, plan_of(ALL, ALL), set(), decoding=True) == [(0, 6)]
+    assert mergeable_runs(MODEL, plan_of(ALL, ["b0", "b1", "b2", "head_00"]), set(), decoding=True) == [(1, 5)]
 
 
 def test_a_merged_decode_plan_counts_the_cache_twice_or_does_not_merge():

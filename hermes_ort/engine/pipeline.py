@@ -9,6 +9,7 @@ that outlives the pipeline, so later passes and later pipelines skip them.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -64,20 +65,22 @@ class Resident:
         if prepared is not None:
             prepared.close()
 
-    def merge_runs(self, directory: Path, manifest: Manifest, plan: Plan) -> None:
+    def merge_runs(self, directory: Path, manifest: Manifest, plan: Plan, decoding: bool = False) -> None:
         """Every maximal run of stages the plan keeps resident and prepacked as one session (engine/merged.py),
-        made once: a later plan with the same runs reuses them."""
+        made once: a later plan with the same runs reuses them. A plan streaming nothing spins its threads."""
         lookups = self.templates.lookups() if self.templates else set()
-        for start, stop in mergeable_runs(manifest, plan, lookups):
+        runs = mergeable_runs(manifest, plan, lookups, decoding)
+        alone = len(runs) == 1 and not any(plan.streams(s.name) for s in manifest.stages)
+        for start, stop in runs:
             held = self.stages.get(start)
-            if isinstance(held, MergedStages) and (held.start, held.stop) == (start, stop):
+            if isinstance(held, MergedStages) and (held.start, held.stop, held.spinning) == (start, stop, alone):
                 continue
             for i in range(start, stop):
                 self.drop(i)
                 if self.templates is not None:  # each file hashed on first load, as a loader does (also a read)
                     self.templates.integrity.stage(manifest.stages[i])
-            merged = MergedStages(directory, manifest, start, stop,
-                                  stage_config(plan, manifest.stages[start], self.log_severity))
+            config = dataclasses.replace(stage_config(plan, manifest.stages[start], self.log_severity), spinning=alone)
+            merged = MergedStages(directory, manifest, start, stop, config, decoding)
             self.stages.update(dict.fromkeys(range(start, stop), merged))
 
     def close(self) -> None:
@@ -119,7 +122,7 @@ class Pipeline:
         self.tracer = tracer or NullTracer()
         resident.keep_only(set(plan.resident), manifest, plan.batched_layout, decoding=cyclic)
         if plan.merge_resident:
-            resident.merge_runs(directory, manifest, plan)
+            resident.merge_runs(directory, manifest, plan, decoding=cyclic)
         self.cyclic = cyclic
         count = range(len(manifest.stages))
         self.schedule = Schedule([i for i in count if i not in resident.stages],

@@ -117,8 +117,8 @@ def with_merged_cache(chosen: Plan, layout: CacheLayout, manifest: Manifest, wor
     """A merged run of blocks (engine/merged.py) writes every present of its layers while it still reads
     every past: their cache is held twice during the step, where stage by stage one layer's is. Merge
     when that fits the budget (counted in the plan's peak), else run the stages one by one."""
-    runs = mergeable_runs(manifest, chosen, lookups)
-    merged = sum(stop - start for start, stop in runs if manifest.stages[start].kind != "head")
+    runs = mergeable_runs(manifest, chosen, lookups, decoding=True)
+    merged = sum(manifest.stages[i].kind != "head" for start, stop in runs for i in range(start, stop))
     layers = max(len(layout.past) // 2, 1)
     extra = layout.bytes(work.batch, work.max_length) * min(merged, layers) // layers
     if not runs or chosen.predicted_peak_bytes + extra > usable(chosen.budget):
