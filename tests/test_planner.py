@@ -183,3 +183,16 @@ def test_persistent_sessions_are_counted_between_their_loads():
     alone = plan(MODEL, budget)  # the same budget without kept sessions keeps more resident
     assert len(alone.resident) > len(p.resident) or alone.window > p.window
     assert p.predicted_peak_bytes >= MODEL.base_bytes + MODEL.transient_bytes + 10 * 3 * MiB
+
+
+def test_a_stage_smaller_prepacked_streams_prepacked_and_sets_the_minimum_so():
+    """A lookup table holds its whole file plain and the rows it reads through its template (prepacked):
+    the smallest plan streams it in that form, and every plan's peak counts the form it streams."""
+    table = stage("embeddings", 60, 2, 1)
+    table = dataclasses.replace(table, prepacked=dataclasses.replace(table.prepacked, bytes=1 * MiB))
+    model = profile(table, *[stage(f"block_{i:02d}", 10) for i in range(4)], stage("head", 10))
+    least = minimum_budget(model)
+    assert least <= (50 + 2 + 10) * MiB / 0.97 + 1  # base, in flight, a block: not the table's 60 MiB
+    p = plan(model, least)
+    assert "embeddings" not in p.resident and "embeddings" in p.prepacked
+    assert p.predicted_peak_bytes <= 0.97 * least + 1

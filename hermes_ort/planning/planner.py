@@ -44,13 +44,19 @@ def cost(stage: StageProfile, prepacked: bool) -> StageCost:
 
 
 def minimum_budget(profile: Profile, kv_cache_bytes: int = 0) -> int:
-    """The smallest budget any plan meets: one loader, window 1, nothing resident, no prepacking."""
+    """The smallest budget any plan meets: one loader, window 1, nothing resident, each stage in its
+    smaller form (prepacked where that holds less: a lookup table's template maps only the rows it reads)."""
     need = profile.base_bytes + profile.transient_bytes + kv_cache_bytes + largest_stage(profile) + parked(profile)
     return int(need / (1 - MARGIN)) + 1
 
 
 def largest_stage(profile: Profile) -> int:
-    return max(s.plain.bytes for s in profile.stages)
+    return max(min(s.plain.bytes, s.prepacked.bytes) for s in profile.stages)
+
+
+def smaller_packed(profile: Profile) -> set[str]:
+    """Stages that hold less prepacked than plain: streamed so even where prepacking runs no faster."""
+    return {s.name for s in profile.stages if s.prepacked.bytes < s.plain.bytes}
 
 
 def parked(profile: Profile) -> int:
@@ -127,15 +133,16 @@ def make_plan(profile: Profile, budget: int, loaders: int, window: int, cold: bo
     step), in the same memory once created (12 blocks: 600 against 595 MiB). prepack=False: nothing
     prepacked (Rules.prepack)."""
     spare = usable(budget) - profile.base_bytes - profile.transient_bytes - kv_cache_bytes
-    if window_bytes(profile, set(), window, set()) > spare:
+    smaller = smaller_packed(profile) if prepack else set()
+    if window_bytes(profile, set(), window, smaller) > spare:
         return None
     plans = []
     for packed_first in (True, False) if prepack else (False,):
         resident, prepacked, used = pick_resident(profile, spare, cold,
-                                                  lambda r: window_bytes(profile, r, window, set()), packed_first)
+                                                  lambda r: window_bytes(profile, r, window, smaller), packed_first)
         if prepack:
-            prepacked = prepack_where_faster(profile, resident, prepacked, spare - used, loaders, window, cold,
-                                             contended)
+            prepacked = prepack_where_faster(profile, resident, prepacked | (smaller - resident), spare - used,
+                                             loaders, window, cold, contended)
         first, steady = timings(profile, resident, prepacked, loaders, window, cold, contended)
         names = [s.name for s in profile.stages]
         peak = profile.base_bytes + profile.transient_bytes + kv_cache_bytes + used + window_bytes(
