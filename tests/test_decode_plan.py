@@ -165,6 +165,8 @@ def test_the_measured_prefill_runs_heads_on_the_last_position_as_a_decoder_does(
 def test_the_measured_prefill_leaves_the_kv_cache_to_the_plan(gpt2, monkeypatch):
     """The prompt's keys and values are the KV cache, counted at its maximum length beside this: stages
     that return 8 MiB presents (untouched zeros: no RSS of their own) and small hidden states hold little."""
+    import mmap
+
     from hermes_ort.engine.feeds import synthetic_feed
     from hermes_ort.planning import profiler
 
@@ -175,9 +177,10 @@ def test_the_measured_prefill_leaves_the_kv_cache_to_the_plan(gpt2, monkeypatch)
         def __init__(self, stage):
             self.stage = stage
 
-        def run(self, tensors, into=None):
-            shape = lambda t: (1, 4, (2 << 20) // 4) if t.name.startswith("present.") else (1, 4, 64)
-            return {t.name: np.zeros(shape(t), np.float32) for t in self.stage.outputs}
+        def run(self, tensors, into=None):  # zeros in fresh anonymous maps, whatever malloc's state (torch
+            shape = lambda t: (1, 4, (2 << 20) // 4) if t.name.startswith("present.") else (1, 4, 64)  # loaded)
+            untouched = lambda s: np.frombuffer(mmap.mmap(-1, 4 * int(np.prod(s))), np.float32).reshape(s)
+            return {t.name: untouched(shape(t)) for t in self.stage.outputs}
 
         def close(self):
             pass
