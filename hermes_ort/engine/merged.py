@@ -12,9 +12,8 @@ it. A generation step's run takes the head in and cuts its input to the last pos
 as the decoding chain does outside (run_chain.last_position_only): such a run serves generation steps only.
 
 A plan that streams nothing runs its one merged session with spinning threads, as whole-model ORT does
-(no loader wants the cores): SmolLM2 native, all resident, one process, 5 alternating rounds of 64
-tokens: 93.3 tokens/s against 98.3 for whole-model ORT; its blocks and head as two sessions without
-spinning made 75-79.
+(no loader wants the cores): SmolLM2 native, all resident, `python -m bench.generate`, 86.1 tokens/s
+against 85.4 for whole-model ORT (README); its blocks and head as two sessions without spinning, 0.83x.
 """
 from __future__ import annotations
 

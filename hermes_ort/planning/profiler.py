@@ -3,7 +3,6 @@ prepacking settings. Measured in this process, one stage at a time, from the OS'
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import time
 from pathlib import Path
@@ -69,9 +68,8 @@ def measure_persistent(directory: Path, stage: StageSpec, tensors: dict, config:
     loads are its pages brought back (from disk when cold), not a session; parked_bytes is what the kept
     session holds between loads, bytes what a load adds on top (the first opening's peak included: every
     stage is opened once, beside the window). None where it runs through fresh sessions instead.
-    The session stays open until the profile ends, as in a run: measured one by one with each destroyed
-    after, a session reused the heap its predecessor freed (SmolLM2 native: 0.1 MiB parked per block in
-    the profile, 0.5 MiB each held by a run's 36 kept sessions, from the RSS they freed when closed)."""
+    The session stays open until the profile ends, as in a run (parked_as_freed): destroyed after its
+    measurement, the next session reused the heap it freed and measured too little."""
     give_back()
     persistent.files.pack(directory, stage, quick_to_create(config, stage, templates))  # once per machine
     before = rss()
@@ -156,8 +154,8 @@ def profile_model(directory: Path, manifest: Manifest, feed: dict[str, np.ndarra
 def parked_as_freed(stages: list[StageProfile], persistent: PersistentSessions) -> list[StageProfile]:
     """Closes the kept sessions; their stages' parked bytes scaled to sum to the RSS that closing gave back.
     One stage's own delta misses what the sessions hold together (each its intra-op pool thread, with its
-    stack and malloc arena): SmolLM2 native's 36 kept blocks and heads measured 6.5 MiB one by one and
-    gave back 26 MiB when closed."""
+    stack and malloc arena): SmolLM2 native's 38 kept stages measured 6.5 MiB one by one, and closing
+    them all at the profile's end gave back 12.3 MiB."""
     give_back()
     before = rss()
     persistent.close()
