@@ -16,7 +16,7 @@ from hermes_ort.convert.gguf_model import LlamaSettings
 from hermes_ort.planning.planner import Plan
 from hermes_ort.generation.tokenizer import Tokenizer
 
-from tiny_gguf import TinyConfig, write_tiny_gguf
+from tiny_gguf import K_QUANT, TinyConfig, write_tiny_gguf
 
 CASES = {  # name -> (file settings, precision, MatMulNBits accuracy level)
     "llama-q4_1-fp32": (TinyConfig(), "fp32", 0),
@@ -25,6 +25,9 @@ CASES = {  # name -> (file settings, precision, MatMulNBits accuracy level)
                                  "native", 0),
     "llama-q8_0-native-exact": (TinyConfig(matrix_type="Q8_0"), "native", 0),
     "llama-q8_0-native-int8": (TinyConfig(matrix_type="Q8_0"), "native", 4),
+    "llama-q4_k_m-native": (TinyConfig(**K_QUANT[1]), "native", 0),
+    "llama-q4_k_m-native-int8": (TinyConfig(**K_QUANT[1]), "native", 4),
+    "qwen2-q4_k_m-untied-fp32": (TinyConfig(arch="qwen2", tied=False, head_type="Q6_K", **K_QUANT[1]), "fp32", 0),
 }
 
 
@@ -124,12 +127,12 @@ def test_native_keeps_quantized_bytes(converted):
 
 
 def test_q8_0_runs_as_4_bit_halves_that_are_the_file_weights_exactly(tmp_path):
-    """At accuracy level 0, every Q8_0 matrix and the tied Q8_0 head are two 4-bit MatMulNBits (ORT 1.32 has
-    no fast float32 8-bit kernel), and the weights they multiply, 16 * (high - 8) + (low - 0) times the
-    scale, are the GGUF's dequantized weights bit for bit; the embeddings look up the very same bytes."""
+    """At accuracy level 0, every Q8_0 matrix and the tied Q8_0 head run on 4-bit MatMulNBits only (ORT 1.32
+    has no fast float32 8-bit kernel): the 4+4 split, whose weights, low + 16 * (high - 8) at the scale, are
+    the GGUF's dequantized weights bit for bit; the embeddings look up the very same bytes."""
     import onnx
 
-    from hermes_ort.convert.native_weights import NativeWeights, halves
+    from hermes_ort.convert.native_weights import NativeWeights, halves, split_arrays
     from hermes_ort.convert.block_codes import unpack
     from hermes_ort.convert.gguf_model import GGUFModel
 
@@ -139,9 +142,13 @@ def test_q8_0_runs_as_4_bit_halves_that_are_the_file_weights_exactly(tmp_path):
             if n.op_type in ("MatMulNBits", "GatherBlockQuantized") for a in n.attribute if a.name == "bits"]
     assert bits and set(bits) == {4}
     b = NativeWeights(GGUFModel(tmp_path / "tiny.gguf")).blocks("token_embd.weight")
-    high, low, zeros = halves(b)
+    high, low, zeros = halves(b)  # the tied table and head: two halves at one scale
     q = 16 * (unpack(high, 4).astype(np.float32) - 8) + (unpack(low, 4).astype(np.float32) - zeros.min())
     assert np.array_equal((q * b.scales[..., None]).reshape(b.codes.shape[0], -1), values["token_embd.weight"])
+    codes, scales, zeros = split_arrays(NativeWeights(GGUFModel(tmp_path / "tiny.gguf")).read("blk.0.ffn_up.weight"))
+    q = (unpack(codes, 4).astype(np.float32) - unpack(zeros, 4)[..., None]) * scales[..., None]  # a matrix: one node
+    blocks = q.shape[1] // 2
+    assert np.array_equal((q[:, :blocks] + q[:, blocks:]).reshape(q.shape[0], -1), values["blk.0.ffn_up.weight"])
     with hermes_ort.InferenceSession(result.directory) as session:
         ids = np.arange(values["token_embd.weight"].shape[0])[None]
         feed = {"input_ids": ids, "position_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
@@ -185,9 +192,9 @@ def test_unsupported_architecture_and_type(tmp_path):
     write_tiny_gguf(tmp_path / "falcon.gguf", TinyConfig(arch="falcon"))
     with pytest.raises(ConvertError, match="architecture 'falcon'"):
         convert_gguf(tmp_path / "falcon.gguf", tmp_path / "out")
-    write_tiny_gguf(tmp_path / "q5.gguf", TinyConfig(matrix_type="Q5_0"))
-    with pytest.raises(ConvertError, match="Q5_0"):
-        convert_gguf(tmp_path / "q5.gguf", tmp_path / "out")
+    write_tiny_gguf(tmp_path / "q8k.gguf", TinyConfig(hidden=256, ffn=512, matrix_type="Q8_K"))
+    with pytest.raises(ConvertError, match="q8k.gguf.*type Q8_K"):
+        convert_gguf(tmp_path / "q8k.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

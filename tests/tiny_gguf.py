@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -25,6 +25,17 @@ class TinyConfig:
     matrix_type: str = "Q4_1"
     table_type: str = "Q8_0"
     tied: bool = True
+    types: tuple[tuple[str, str], ...] = ()  # (tensor suffix such as "attn_v", type): Q4_K_M-style mixes
+    head_type: str | None = None  # an untied output.weight's type (default: matrix_type)
+
+    def type_of(self, suffix: str) -> str:
+        return dict(self.types).get(suffix, self.matrix_type)
+
+
+K_QUANT = ("Q4_K_M", dict(hidden=256, heads=4, kv_heads=2, ffn=512, matrix_type="Q4_K", table_type="Q6_K",
+                          types=(("attn_v", "Q6_K"), ("ffn_down", "Q6_K"), ("attn_output", "Q5_0"))))
+SCALE_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_XS": (0,),
+                "IQ4_NL": (0,)}  # byte offsets of a block's fp16 scale fields (types gguf-py cannot quantize)
 
 
 def byte_vocab() -> tuple[list[str], list[str]]:
@@ -43,13 +54,40 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def stored(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(bytes to write, the float32 values they hold)."""
     qtype = GGMLQuantizationType[kind]
     if kind == "F32":
         return w, w
-    raw = quantize(w, qtype)
+    if kind == "Q8_K":  # a type of llama.cpp's activations, never of model files: gguf-py does not read it
+        values, nbytes = GGML_QUANT_SIZES[qtype]
+        return np.zeros((w.shape[0], w.shape[1] // values * nbytes), np.uint8), np.full(w.shape, np.nan, np.float32)
+    if kind in SCALE_FIELDS:
+        raw = random_blocks(w.shape, kind, np.random.default_rng(int(abs(w).sum() * 1e3) % 2**32), w.std())
+    else:
+        raw = quantize(w, qtype)
     return raw, dequantize(raw, qtype).astype(np.float32)
+
+
+def random_blocks(shape: tuple[int, int], kind: str, rng, std: float) -> np.ndarray:
+    """Random codes with valid fp16 scales, scaled so the weights have about `std` (gguf-py writes no K-quant)."""
+    values, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    raw = rng.integers(0, 256, (shape[0] * shape[1] // values, nbytes), dtype=np.uint8)
+    # each block's scales of either sign: codes of one sign (Q4_K's 0..15 less a minimum) would otherwise
+    # give every row the same mean direction, which real weights do not have, and activations explode
+    spread = (rng.uniform(0.5, 1.5, raw.shape[0]) * rng.choice([-1, 1], raw.shape[0])).astype(np.float32)
+
+    def set_scales(scale: float) -> np.ndarray:
+        for at in SCALE_FIELDS[kind]:
+            raw[:, at:at + 2] = (spread * scale).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return raw.reshape(shape[0], -1)
+
+    unit = dequantize(set_scales(1.0), GGMLQuantizationType[kind])
+    return set_scales(std / float(unit.std()))
 
 
 def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -> dict[str, np.ndarray]:
@@ -63,30 +101,30 @@ def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -
     values: dict[str, np.ndarray] = {}
 
     def add(name: str, array: np.ndarray, kind: str, heads: int | None = None) -> None:
-        raw, held = stored(array.astype(np.float32), kind)
-        values[name] = held
-        if heads is not None and cfg.arch != "qwen2":
-            raw, _ = stored(permute(array.astype(np.float32), heads), kind)
+        permuted = heads is not None and cfg.arch != "qwen2"
+        raw, held = stored(permute(array.astype(np.float32), heads) if permuted else array.astype(np.float32), kind)
+        values[name] = unpermute(held, heads) if permuted else held
         w.add_tensor(name, raw, raw_dtype=GGMLQuantizationType[kind])
 
+    gain = 0.2 * np.sqrt(64 / cfg.hidden)  # weights ~ 1/sqrt(width), as trained models have: stable activations
     add("token_embd.weight", rng.standard_normal((vocab, cfg.hidden)) * 0.5, cfg.table_type)
     for i in range(cfg.layers):
-        p, m = f"blk.{i}.", cfg.matrix_type
+        p, m = f"blk.{i}.", cfg.type_of
         add(p + "attn_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
-        add(p + "attn_q.weight", rng.standard_normal((cfg.hidden, cfg.hidden)) * 0.2, m, cfg.heads)
-        add(p + "attn_k.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * 0.2, m, cfg.kv_heads)
-        add(p + "attn_v.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * 0.2, m)
+        add(p + "attn_q.weight", rng.standard_normal((cfg.hidden, cfg.hidden)) * gain, m("attn_q"), cfg.heads)
+        add(p + "attn_k.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * gain, m("attn_k"), cfg.kv_heads)
+        add(p + "attn_v.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * gain, m("attn_v"))
         if cfg.arch == "qwen2":
             for n, rows in (("q", cfg.hidden), ("k", cfg.kv_heads * d), ("v", cfg.kv_heads * d)):
                 add(p + f"attn_{n}.bias", 0.1 * rng.standard_normal(rows), "F32")
-        add(p + "attn_output.weight", rng.standard_normal((cfg.hidden, cfg.hidden)) * 0.2, m)
+        add(p + "attn_output.weight", rng.standard_normal((cfg.hidden, cfg.hidden)) * gain, m("attn_output"))
         add(p + "ffn_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
-        add(p + "ffn_gate.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * 0.2, m)
-        add(p + "ffn_up.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * 0.2, m)
-        add(p + "ffn_down.weight", rng.standard_normal((cfg.hidden, cfg.ffn)) * 0.2, m)
+        add(p + "ffn_gate.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * gain, m("ffn_gate"))
+        add(p + "ffn_up.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * gain, m("ffn_up"))
+        add(p + "ffn_down.weight", rng.standard_normal((cfg.hidden, cfg.ffn)) * gain, m("ffn_down"))
     add("output_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
     if not cfg.tied:
-        add("output.weight", rng.standard_normal((vocab, cfg.hidden)) * 0.5, cfg.matrix_type)
+        add("output.weight", rng.standard_normal((vocab, cfg.hidden)) * 0.5, cfg.head_type or cfg.matrix_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -66,9 +66,11 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, precision: str
     with building(out) as tmp:
         stages = write_stages(model, weights, tmp, progress)
         files, notes = tokenizer_files(model, tmp)
+        notes += tuple(weights.notes)
         manifest = describe(model, stages, files, precision)
-        if precision == "native":
-            manifest = dataclasses.replace(manifest, extra={**manifest.extra, "accuracy_level": accuracy_level})
+        if precision == "native":  # the arithmetic, and the kernel form each quantized tensor took
+            manifest = dataclasses.replace(manifest, extra={**manifest.extra, "accuracy_level": accuracy_level,
+                                                            "tensor_forms": weights.forms})
         manifest_io.save(manifest, tmp)
         tolerance = TOLERANCE["int8 activations" if weights.int8_activations else precision]
         diffs = self_check(model, tmp, check_tokens, tolerance)
@@ -161,10 +163,19 @@ def self_check(model: GGUFModel, directory: Path, tokens: int, tolerance: float)
         got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))["logits"][0]
         want = reference.logits(rows, s, ids)
         chain = check(relative_diff(got, want), tolerance, "the chained stages against the numpy forward", 0.0)
-        if not np.array_equal(got.argmax(-1), want.argmax(-1)):
+        int8 = tolerance > TOLERANCE["native"]
+        clear = clear_positions(want, float(np.max(np.abs(got - want)))) if int8 else np.ones(len(ids), bool)
+        if not np.array_equal(got.argmax(-1)[clear], want.argmax(-1)[clear]):
             raise ConvertError(f"conversion check failed: the chained stages' top-1 tokens {got.argmax(-1).tolist()} "
                                f"differ from the numpy forward's {want.argmax(-1).tolist()}")
     return {"max_rel_diff_blocks": worst_block, "max_rel_diff_logits": chain}
+
+
+def clear_positions(want: np.ndarray, deviation: float) -> np.ndarray:
+    """Positions whose top two logits are further apart than twice the deviation: where int8 activations
+    (which move every logit by up to `deviation`) cannot swap them. A wrong graph changes the top-1 there."""
+    top2 = np.sort(want, -1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] > 2 * deviation
 
 
 def relative_diff(got: np.ndarray, want: np.ndarray) -> float:

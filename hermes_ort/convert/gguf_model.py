@@ -66,7 +66,21 @@ class LlamaSettings:
                 "rope_linear_factor": self.rope_linear_factor, "tie_word_embeddings": self.tied_head}
 
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+def readable(kind) -> bool:
+    """gguf-py dequantizes this tensor type (every type found in model files, in gguf 0.19)."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    if kind.name in ("F32", "F16", "BF16"):
+        return True
+    if kind not in GGML_QUANT_SIZES:
+        return False
+    values, nbytes = GGML_QUANT_SIZES[kind]
+    try:
+        dequantize(np.zeros((1, nbytes), np.uint8), kind)
+    except (NotImplementedError, ValueError, TypeError):
+        return False
+    return True
 
 
 class GGUFModel:
@@ -120,10 +134,11 @@ class GGUFModel:
         return self.tensors[name]
 
     def _check_types(self) -> None:
+        known: dict = {}
         for t in self.reader.tensors:
-            if t.tensor_type.name not in SUPPORTED_TYPES:
-                raise ConvertError(f"{self.path}: tensor {t.name!r} is {t.tensor_type.name}; supported types: "
-                                   f"{', '.join(SUPPORTED_TYPES)}")
+            if known.setdefault(t.tensor_type, readable(t.tensor_type)) is False:
+                raise ConvertError(f"{self.path}: tensor {t.name!r} is of type {t.tensor_type.name}, which "
+                                   f"cannot be read (no dequantization for it in the gguf package)")
 
     def tensor_type(self, name: str) -> str:
         return self._tensor(name).tensor_type.name

@@ -87,8 +87,11 @@ class WeightWriter:
 
     def register_rows(self, array: np.ndarray, splits: list[tuple[int, int]]) -> None:
         """Lets later stages reference half-open row ranges [start, end) of an already written 2-D tensor
-        (a tied LM head cut into parts) instead of writing those rows again."""
-        whole = self.placed[hashlib.sha256(array.tobytes()).hexdigest()]
+        (a tied LM head cut into parts) instead of writing those rows again. A tensor small enough to stay
+        inside its graph has nothing to share."""
+        whole = self.placed.get(hashlib.sha256(array.tobytes()).hexdigest())
+        if whole is None:
+            return
         row = array[0].nbytes
         for start, end in splits:
             raw = array[start:end].tobytes()
