@@ -88,9 +88,17 @@ def generate_text(args, budget, start):
 def cmd_convert(args) -> None:
     from .convert import convert_gguf
 
-    show = lambda done, total: print(f"\rconverting: block {done}/{total}", end="", file=sys.stderr, flush=True)
-    result = convert_gguf(args.gguf, args.out, args.precision, args.accuracy_level, progress=show)
-    print(file=sys.stderr)
+    shown = []
+
+    def show(done: int, total: int) -> None:
+        shown.append(done)
+        print(f"\rconverting: block {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = convert_gguf(args.gguf, args.out, args.precision, args.accuracy_level, progress=show)
+    finally:
+        if shown:
+            print(file=sys.stderr)  # ends the progress line, so an error is a line of its own
     m = result.manifest
     level = f", accuracy level {m.extra['accuracy_level']}" if "accuracy_level" in m.extra else ""
     print(f"converted {args.gguf} ({m.family}, {m.config['num_hidden_layers']} layers, {args.precision}{level}): "

@@ -208,3 +208,77 @@ def test_failed_self_check_publishes_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", "fp32")  # re-running succeeds
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["extra"]["precision"] == "fp32"
+
+
+def patched(source, target, key: str, value: bytes) -> None:
+    """A copy of a GGUF with one metadata value's bytes replaced (same length)."""
+    import struct
+
+    data = bytearray(source.read_bytes())
+    name = struct.pack("<Q", len(key)) + key.encode()
+    at = data.index(name) + len(name) + 4  # after the value's type
+    data[at:at + len(value)] = value
+    target.write_bytes(bytes(data))
+
+
+def test_metadata_that_contradicts_the_tensors_is_refused_naming_the_numbers(tmp_path, capsys):
+    """A head count that does not divide the hidden size would reach ORT's Reshape (and its log lines)."""
+    import struct
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    patched(tmp_path / "tiny.gguf", tmp_path / "heads.gguf", "llama.attention.head_count", struct.pack("<I", 5))
+    assert cli.main(["convert", str(tmp_path / "heads.gguf"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "heads.gguf" in err and "head_count 5" in err and "64" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_utf8_in_the_vocabulary_is_a_note_naming_the_key(tmp_path, capsys):
+    """The stages still convert and check (they run from token ids); the tokenizer is left out, saying why."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = bytearray((tmp_path / "tiny.gguf").read_bytes())
+    data[data.index("<|im_start|>".encode())] = 0xFF
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    assert cli.main(["convert", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "note: " in out and "bad.gguf" in out and "'tokenizer.ggml.tokens' cannot be read" in out
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_an_error_after_the_progress_is_a_line_of_its_own(tmp_path, capsys, monkeypatch):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    real = reference.block
+    monkeypatch.setattr(reference, "block", lambda *a: tuple(x * 1.01 for x in real(*a)))
+    assert cli.main(["convert", str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "out"), "--precision",
+                     "fp32"]) == 2
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert lines[0].endswith("block 2/2") and "error" not in lines[0]
+    assert len(lines) == 2 and lines[1].startswith("hermes: error: ") and "tiny.gguf" in lines[1]
+
+
+def test_fuzzed_files_give_one_line_errors_or_checked_models(tmp_path):
+    """Seeded mutations of a tiny llama GGUF (bit flips in the header and metadata, 8-byte counts and offsets
+    set huge, truncation), in a child with a capped address space and a time limit: each is a one-line error
+    naming the file (nothing published, nothing left beside it) or a model that passed its self-check."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_tiny_gguf(tmp_path / "source.gguf")
+    fuzz = Path(__file__).with_name("gguf_fuzz.py")
+    run = subprocess.run([sys.executable, str(fuzz), str(tmp_path / "source.gguf"), str(tmp_path), "60", "7"],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(rows) == 60
+    outcomes = {r["outcome"] for r in rows}
+    assert outcomes <= {"error", "converted"}, [r for r in rows if r["outcome"] not in ("error", "converted")]
+    assert {"error", "converted"} <= outcomes
+    for r in rows:
+        assert not r["leftovers"], r
+        if r["outcome"] == "error":
+            errors = [line for line in r["stderr"] if "error" in line]
+            assert len(errors) == 1 and errors[0].startswith("hermes: error: "), r
+            assert f"m{r['n']}.gguf" in errors[0] and not r["published"], r
+        else:
+            assert r["published"], r

@@ -73,7 +73,10 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, precision: str
                                                             "tensor_forms": weights.forms})
         manifest_io.save(manifest, tmp)
         tolerance = TOLERANCE["int8 activations" if weights.int8_activations else precision]
-        diffs = self_check(model, tmp, check_tokens, tolerance)
+        try:
+            diffs = self_check(model, tmp, check_tokens, tolerance)
+        except ConvertError as e:
+            raise ConvertError(f"{model.path}: {e}") from e
         manifest = dataclasses.replace(manifest, extra={**manifest.extra, "tolerance": tolerance, **diffs})
         manifest_io.save(manifest, tmp)
     return ConvertResult(manifest, Path(out), time.perf_counter() - start, max(diffs.values()), notes)
@@ -124,6 +127,8 @@ def tokenizer_files(model: GGUFModel, directory: Path) -> tuple[tuple[FileSpec, 
         names = write_tokenizer(model, directory)
     except ConvertError as e:
         return (), (str(e),)
+    except Exception as e:  # `tokenizers` refusing a damaged vocabulary: the stages run from token ids
+        return (), (f"{model.path}: no tokenizer, the vocabulary cannot be built ({type(e).__name__}: {e})",)
     return tuple(FileSpec.of(directory, n) for n in names), ()
 
 

@@ -97,12 +97,47 @@ class GGUFModel:
         self.arch = ARCHITECTURES[arch]
         self.settings = self._settings()
         self._check_types()
+        self._check_shapes()
 
     def field(self, key: str, default=None):
         found = self.reader.get_field(key)
         if found is None:
             return default
-        return found.contents()
+        try:
+            return found.contents()
+        except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:
+            raise ConvertError(f"{self.path}: metadata key {key!r} cannot be read ({type(e).__name__}: {e})") from e
+
+    def _check_shapes(self) -> None:
+        """Metadata that contradicts the tensors is refused here, naming the numbers, not at ORT's Reshape."""
+        s, a = self.settings, self.arch.name
+        if s.layers < 1 or s.hidden < 1 or s.heads < 1 or s.kv_heads < 1 or s.ffn < 1:
+            raise ConvertError(f"{self.path}: metadata gives {s.layers} layers, hidden {s.hidden}, {s.heads} heads, "
+                               f"{s.kv_heads} KV heads, ffn {s.ffn}: every one must be positive")
+        for key, number in (("rope.freq_base", s.rope_base), ("attention.layer_norm_rms_epsilon", s.rms_eps),
+                            ("rope.scaling.factor", s.rope_linear_factor)):
+            if not (np.isfinite(number) and number > 0):
+                raise ConvertError(f"{self.path}: metadata {a}.{key} is {number}: it must be a positive number")
+        if s.hidden % s.heads or s.heads % s.kv_heads:
+            raise ConvertError(f"{self.path}: {a}.attention.head_count {s.heads} does not divide "
+                               f"{a}.embedding_length {s.hidden}, or {a}.attention.head_count_kv {s.kv_heads} "
+                               f"does not divide it")
+        d = s.head_dim
+        want = {"token_embd.weight": (s.vocab, s.hidden), "output_norm.weight": (s.hidden,)}
+        for i in range(s.layers):
+            p = f"blk.{i}."
+            want |= {p + "attn_norm.weight": (s.hidden,), p + "ffn_norm.weight": (s.hidden,),
+                     p + "attn_q.weight": (s.heads * d, s.hidden), p + "attn_k.weight": (s.kv_heads * d, s.hidden),
+                     p + "attn_v.weight": (s.kv_heads * d, s.hidden), p + "attn_output.weight": (s.hidden, s.heads * d),
+                     p + "ffn_gate.weight": (s.ffn, s.hidden), p + "ffn_up.weight": (s.ffn, s.hidden),
+                     p + "ffn_down.weight": (s.hidden, s.ffn)}
+        if not s.tied_head:
+            want["output.weight"] = (s.vocab, s.hidden)
+        for name, shape in want.items():
+            got = tuple(int(n) for n in reversed(self._tensor(name).shape))  # GGUF lists in first
+            if got != shape:
+                raise ConvertError(f"{self.path}: tensor {name!r} has shape {list(got)} where the metadata "
+                                   f"({a}.*) implies {list(shape)}")
 
     def _settings(self) -> LlamaSettings:
         a, need = self.arch.name, self._required
