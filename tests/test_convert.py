@@ -233,16 +233,17 @@ def test_metadata_that_contradicts_the_tensors_is_refused_naming_the_numbers(tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_invalid_utf8_in_the_vocabulary_is_a_note_naming_the_key(tmp_path, capsys):
-    """The stages still convert and check (they run from token ids); the tokenizer is left out, saying why."""
+def test_invalid_utf8_in_the_vocabulary_is_one_line_naming_the_key(tmp_path, capsys):
+    """The vocabulary is read after the blocks were written: the error ends the progress line first."""
     write_tiny_gguf(tmp_path / "tiny.gguf")
     data = bytearray((tmp_path / "tiny.gguf").read_bytes())
     data[data.index("<|im_start|>".encode())] = 0xFF
     (tmp_path / "bad.gguf").write_bytes(bytes(data))
-    assert cli.main(["convert", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "out")]) == 0
-    out = capsys.readouterr().out
-    assert "note: " in out and "bad.gguf" in out and "'tokenizer.ggml.tokens' cannot be read" in out
-    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    assert cli.main(["convert", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert len(lines) == 2 and lines[0].endswith("block 2/2")
+    assert lines[1].startswith("hermes: error: ") and "bad.gguf" in lines[1] and "'tokenizer.ggml.tokens'" in lines[1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_error_after_the_progress_is_a_line_of_its_own(tmp_path, capsys, monkeypatch):

@@ -27,6 +27,7 @@ class TinyConfig:
     tied: bool = True
     types: tuple[tuple[str, str], ...] = ()  # (tensor suffix such as "attn_v", type): Q4_K_M-style mixes
     head_type: str | None = None  # an untied output.weight's type (default: matrix_type)
+    vocabulary: str = "gpt2"  # or "llama": SentencePiece pieces with scores and byte fallback
 
     def type_of(self, suffix: str) -> str:
         return dict(self.types).get(suffix, self.matrix_type)
@@ -93,11 +94,15 @@ def random_blocks(shape: tuple[int, int], kind: str, rng, std: float) -> np.ndar
 def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -> dict[str, np.ndarray]:
     """Writes the file; returns the float32 tensors (transformers' layout) it holds, by GGUF name."""
     rng = np.random.default_rng(seed)
-    tokens, merges = byte_vocab()
-    tokens += SPECIAL
-    vocab, d = len(tokens), cfg.hidden // cfg.heads
     w = GGUFWriter(str(path), cfg.arch)
-    meta(w, cfg, vocab, tokens, merges)
+    if cfg.vocabulary == "llama":
+        tokens = spm_vocab(w)
+    else:
+        tokens, merges = byte_vocab()
+        tokens += SPECIAL
+        byte_level_meta(w, tokens, merges)
+    vocab, d = len(tokens), cfg.hidden // cfg.heads
+    meta(w, cfg, vocab)
     values: dict[str, np.ndarray] = {}
 
     def add(name: str, array: np.ndarray, kind: str, heads: int | None = None) -> None:
@@ -132,7 +137,47 @@ def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -
     return values
 
 
-def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int, tokens: list[str], merges: list[str]) -> None:
+SPM_PIECES = ["\u2581", "\u2581\u2581", "\u2581\u2581\u2581\u2581", "\u2581t", "he", "\u2581the", "in", "\u2581a",
+              "at", "\u2581c", "\u2581cat", "an", "\u2581an", "er", "\u2581h", "\u2581hat", "ll", "\u2581he", "llo",
+              "\u2581hello", "or", "\u2581w", "\u2581wor", "ld", "\u00e9", "\u2581caf", "\u2581caf\u00e9", "\u4e16",
+              "\u754c", "\u4e16\u754c"] + list("abcdefghijklmnopqrstuvwxyzTH,.!?'0123456789")
+SPM_SPECIAL = ["<unk>", "<s>", "</s>"]
+SPM_USER = ["<|user|>", "<|assistant|>"]
+
+
+def spm_vocab(w: GGUFWriter) -> list[str]:
+    """A SentencePiece ("llama") vocabulary as llama.cpp reads it: <unk>, <s>, </s> (CONTROL), the 256 byte
+    tokens (BYTE), pieces with distinct shuffled scores (NORMAL) and two USER_DEFINED tokens."""
+    pieces = SPM_PIECES
+    tokens = SPM_SPECIAL + [f"<0x{b:02X}>" for b in range(256)] + pieces + SPM_USER
+    scores = [0.0] * len(tokens)
+    for rank, i in enumerate(np.random.default_rng(5).permutation(len(pieces))):
+        scores[3 + 256 + int(i)] = -float(rank)
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [4] * len(SPM_USER)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    return tokens
+
+
+def byte_level_meta(w: GGUFWriter, tokens: list[str], merges: list[str]) -> None:
+    vocab = len(tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (vocab - len(SPECIAL)) + [3] * len(SPECIAL))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab - 2)
+    w.add_eos_token_id(vocab - 3)
+    w.add_chat_template(CHAT)
+
+
+def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int) -> None:
     w.add_block_count(cfg.layers)
     w.add_context_length(128)
     w.add_embedding_length(cfg.hidden)
@@ -142,11 +187,3 @@ def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int, tokens: list[str], merges: 
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * (vocab - len(SPECIAL)) + [3] * len(SPECIAL))
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab - 2)
-    w.add_eos_token_id(vocab - 3)
-    w.add_chat_template(CHAT)

@@ -25,7 +25,7 @@ from ..format.weights import WeightWriter, head_splits, source_reader
 from . import llama_graph, reference
 from .float_weights import Float32Weights
 from .gguf_model import ConvertError, GGUFModel
-from .gguf_tokenizer import write_tokenizer
+from .gguf_tokenizer import UnsupportedVocabulary, write_tokenizer
 
 PRECISIONS = ("native", "fp32", "int8", "int4")
 MAX_HEAD_PARTS = 8  # every stage costs a run call per token: a 3 MB native block would cut a head into 37
@@ -125,10 +125,12 @@ def write_stages(model: GGUFModel, weights, directory: Path, progress) -> list[S
 def tokenizer_files(model: GGUFModel, directory: Path) -> tuple[tuple[FileSpec, ...], tuple[str, ...]]:
     try:
         names = write_tokenizer(model, directory)
-    except ConvertError as e:
+    except UnsupportedVocabulary as e:
         return (), (str(e),)
-    except Exception as e:  # `tokenizers` refusing a damaged vocabulary: the stages run from token ids
-        return (), (f"{model.path}: no tokenizer, the vocabulary cannot be built ({type(e).__name__}: {e})",)
+    except ConvertError:
+        raise
+    except Exception as e:  # `tokenizers` refusing a damaged vocabulary
+        raise ConvertError(f"{model.path}: the vocabulary cannot be built ({type(e).__name__}: {e})") from e
     return tuple(FileSpec.of(directory, n) for n in names), ()
 
 

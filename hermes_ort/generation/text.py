@@ -109,7 +109,7 @@ class TextGenerator:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"prompt {index} is empty")
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_prompt(text)
 
     def batch(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids and mask [B, longest]."""

@@ -61,6 +61,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """encode(), with the BOS token first where the vocabulary asks for it (tokenizer_config's
+        add_bos_token: SentencePiece models such as Llama 2 are trained so) and the text has none."""
+        ids = self.encode(text)
+        bos = self.token_id(token_text(self.config.get("bos_token")))
+        if self.config.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
+        return ids
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
