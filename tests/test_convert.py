@@ -28,6 +28,8 @@ CASES = {  # name -> (file settings, precision, MatMulNBits accuracy level)
     "llama-q4_k_m-native": (TinyConfig(**K_QUANT[1]), "native", 0),
     "llama-q4_k_m-native-int8": (TinyConfig(**K_QUANT[1]), "native", 4),
     "qwen2-q4_k_m-untied-fp32": (TinyConfig(arch="qwen2", tied=False, head_type="Q6_K", **K_QUANT[1]), "fp32", 0),
+    "qwen3-head-dim-native": (TinyConfig(arch="qwen3", head_dim=128, matrix_type="Q8_0"), "native", 0),
+    "llama3-rope-freqs-native": (TinyConfig(rope_freqs=tuple(np.linspace(1.0, 8.0, 8))), "native", 0),
 }
 
 
@@ -40,9 +42,11 @@ def converted(request, tmp_path_factory):
     return cfg, precision, values, result
 
 
-def settings_of(cfg: TinyConfig, vocab: int) -> LlamaSettings:
+def settings_of(cfg: TinyConfig, vocab: int, values: dict | None = None) -> LlamaSettings:
+    divisors = tuple(float(v) for v in values["rope_freqs.weight"]) if cfg.rope_freqs else ()
     return LlamaSettings(cfg.arch, cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.ffn, vocab, 128, 10000.0,
-                         1e-5, tied_head=cfg.tied, qkv_bias=cfg.arch == "qwen2")
+                         1e-5, tied_head=cfg.tied, qkv_bias=cfg.arch == "qwen2", qk_norm=cfg.arch == "qwen3",
+                         key_length=cfg.head_dim, rope_divisors=divisors)
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
@@ -57,12 +61,12 @@ def test_logits_equal_the_float_weights_the_file_holds(converted):
     """Against the reference on the weights as written before llama.cpp's Q/K permutation: a wrong un-permute,
     rotary layout, GQA grouping or Q4_1 correction moves the logits by O(1)."""
     cfg, precision, values, result = converted
-    s = settings_of(cfg, values["token_embd.weight"].shape[0])
+    s = settings_of(cfg, values["token_embd.weight"].shape[0], values)
     ids = np.array([5, 17, 260, 99, 3, 42, 7])
     want = reference.logits(lambda n: values[n], s, ids)
     with hermes_ort.InferenceSession(result.directory) as session:
         feed = {"input_ids": ids[None], "position_ids": np.arange(7)[None], "attention_mask": np.ones((1, 7), np.int64),
-                **{t.name: np.zeros((1, cfg.kv_heads, 0, cfg.hidden // cfg.heads), np.float32)
+                **{t.name: np.zeros((1, cfg.kv_heads, 0, cfg.head_dim or cfg.hidden // cfg.heads), np.float32)
                    for t in session.manifest.inputs if t.name.startswith("past.")}}
         got = session.run(["logits"], feed)[0][0]
     int8 = result.manifest.extra["tolerance"] > 1e-2  # some matrix ran with int8 activations
@@ -83,7 +87,7 @@ def greedy_by_recompute(values, s: LlamaSettings, ids: list[int], n: int) -> lis
 
 def test_generation_streams_the_cache_and_matches_recompute(converted):
     cfg, precision, values, result = converted
-    s = settings_of(cfg, values["token_embd.weight"].shape[0])
+    s = settings_of(cfg, values["token_embd.weight"].shape[0], values)
     prompt = [12, 200, 31, 260]
     if result.manifest.extra["tolerance"] > 1e-2:
         pytest.skip("int8 activations: greedy may take the other side of a near-tie on random weights")

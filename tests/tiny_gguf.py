@@ -28,6 +28,8 @@ class TinyConfig:
     types: tuple[tuple[str, str], ...] = ()  # (tensor suffix such as "attn_v", type): Q4_K_M-style mixes
     head_type: str | None = None  # an untied output.weight's type (default: matrix_type)
     vocabulary: str = "gpt2"  # or "llama": SentencePiece pieces with scores and byte fallback
+    head_dim: int | None = None  # written as attention.key_length (qwen3 decouples it from hidden / heads)
+    rope_freqs: tuple[float, ...] = ()  # rope_freqs.weight: per-frequency divisors (Llama 3.x), head_dim / 2
 
     def type_of(self, suffix: str) -> str:
         return dict(self.types).get(suffix, self.matrix_type)
@@ -101,12 +103,12 @@ def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -
         tokens, merges = byte_vocab()
         tokens += SPECIAL
         byte_level_meta(w, tokens, merges)
-    vocab, d = len(tokens), cfg.hidden // cfg.heads
+    vocab, d = len(tokens), cfg.head_dim or cfg.hidden // cfg.heads
     meta(w, cfg, vocab)
     values: dict[str, np.ndarray] = {}
 
     def add(name: str, array: np.ndarray, kind: str, heads: int | None = None) -> None:
-        permuted = heads is not None and cfg.arch != "qwen2"
+        permuted = heads is not None and cfg.arch in ("llama", "mistral")
         raw, held = stored(permute(array.astype(np.float32), heads) if permuted else array.astype(np.float32), kind)
         values[name] = unpermute(held, heads) if permuted else held
         w.add_tensor(name, raw, raw_dtype=GGMLQuantizationType[kind])
@@ -116,18 +118,23 @@ def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -
     for i in range(cfg.layers):
         p, m = f"blk.{i}.", cfg.type_of
         add(p + "attn_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
-        add(p + "attn_q.weight", rng.standard_normal((cfg.hidden, cfg.hidden)) * gain, m("attn_q"), cfg.heads)
+        add(p + "attn_q.weight", rng.standard_normal((cfg.heads * d, cfg.hidden)) * gain, m("attn_q"), cfg.heads)
         add(p + "attn_k.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * gain, m("attn_k"), cfg.kv_heads)
         add(p + "attn_v.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * gain, m("attn_v"))
         if cfg.arch == "qwen2":
-            for n, rows in (("q", cfg.hidden), ("k", cfg.kv_heads * d), ("v", cfg.kv_heads * d)):
+            for n, rows in (("q", cfg.heads * d), ("k", cfg.kv_heads * d), ("v", cfg.kv_heads * d)):
                 add(p + f"attn_{n}.bias", 0.1 * rng.standard_normal(rows), "F32")
-        add(p + "attn_output.weight", rng.standard_normal((cfg.hidden, cfg.hidden)) * gain, m("attn_output"))
+        if cfg.arch == "qwen3":
+            add(p + "attn_q_norm.weight", 1 + 0.1 * rng.standard_normal(d), "F32")
+            add(p + "attn_k_norm.weight", 1 + 0.1 * rng.standard_normal(d), "F32")
+        add(p + "attn_output.weight", rng.standard_normal((cfg.hidden, cfg.heads * d)) * gain, m("attn_output"))
         add(p + "ffn_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
         add(p + "ffn_gate.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * gain, m("ffn_gate"))
         add(p + "ffn_up.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * gain, m("ffn_up"))
         add(p + "ffn_down.weight", rng.standard_normal((cfg.hidden, cfg.ffn)) * gain, m("ffn_down"))
     add("output_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
+    if cfg.rope_freqs:  # as llama.cpp writes Llama 3.1's: 1 for high frequencies, up to the factor for low
+        add("rope_freqs.weight", np.array(cfg.rope_freqs), "F32")
     if not cfg.tied:
         add("output.weight", rng.standard_normal((vocab, cfg.hidden)) * 0.5, cfg.head_type or cfg.matrix_type)
     w.write_header_to_file()
@@ -178,6 +185,9 @@ def byte_level_meta(w: GGUFWriter, tokens: list[str], merges: list[str]) -> None
 
 
 def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int) -> None:
+    if cfg.head_dim:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_block_count(cfg.layers)
     w.add_context_length(128)
     w.add_embedding_length(cfg.hidden)

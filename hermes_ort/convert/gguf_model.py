@@ -26,12 +26,14 @@ class Architecture:
     name: str
     permuted_qk: bool  # llama.cpp permuted Q/K rows at conversion (llama, mistral)
     qkv_bias: bool  # Q, K and V projections carry biases (qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary (attn_q_norm / attn_k_norm, qwen3)
 
 
 ARCHITECTURES = {a.name: a for a in (
     Architecture("llama", permuted_qk=True, qkv_bias=False),
     Architecture("mistral", permuted_qk=True, qkv_bias=False),
     Architecture("qwen2", permuted_qk=False, qkv_bias=True),
+    Architecture("qwen3", permuted_qk=False, qkv_bias=False, qk_norm=True),
 )}
 
 
@@ -52,10 +54,13 @@ class LlamaSettings:
     rope_linear_factor: float = 1.0  # positions divided by it ("linear" rope scaling)
     tied_head: bool = True
     qkv_bias: bool = False
+    qk_norm: bool = False
+    key_length: int | None = None  # head_dim when the file gives it (qwen3: 128 at hidden 1024 / 16 heads)
+    rope_divisors: tuple[float, ...] = ()  # rope_freqs.weight: each frequency divided by its factor (Llama 3.x)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.key_length or self.hidden // self.heads
 
     def as_config(self) -> dict:
         """transformers-style names, which the rest of hermes_ort reads (max_position_embeddings, ...)."""
@@ -63,7 +68,8 @@ class LlamaSettings:
                 "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
                 "intermediate_size": self.ffn, "vocab_size": self.vocab, "max_position_embeddings": self.context,
                 "rope_theta": self.rope_base, "rms_norm_eps": self.rms_eps,
-                "rope_linear_factor": self.rope_linear_factor, "tie_word_embeddings": self.tied_head}
+                "rope_linear_factor": self.rope_linear_factor, "tie_word_embeddings": self.tied_head,
+                "head_dim": self.head_dim, "rope_freq_factors": bool(self.rope_divisors)}
 
 
 def readable(kind) -> bool:
@@ -111,14 +117,14 @@ class GGUFModel:
     def _check_shapes(self) -> None:
         """Metadata that contradicts the tensors is refused here, naming the numbers, not at ORT's Reshape."""
         s, a = self.settings, self.arch.name
-        if s.layers < 1 or s.hidden < 1 or s.heads < 1 or s.kv_heads < 1 or s.ffn < 1:
+        if s.layers < 1 or s.hidden < 1 or s.heads < 1 or s.kv_heads < 1 or s.ffn < 1 or s.head_dim < 2:
             raise ConvertError(f"{self.path}: metadata gives {s.layers} layers, hidden {s.hidden}, {s.heads} heads, "
                                f"{s.kv_heads} KV heads, ffn {s.ffn}: every one must be positive")
         for key, number in (("rope.freq_base", s.rope_base), ("attention.layer_norm_rms_epsilon", s.rms_eps),
                             ("rope.scaling.factor", s.rope_linear_factor)):
             if not (np.isfinite(number) and number > 0):
                 raise ConvertError(f"{self.path}: metadata {a}.{key} is {number}: it must be a positive number")
-        if s.hidden % s.heads or s.heads % s.kv_heads:
+        if (s.key_length is None and s.hidden % s.heads) or s.heads % s.kv_heads:
             raise ConvertError(f"{self.path}: {a}.attention.head_count {s.heads} does not divide "
                                f"{a}.embedding_length {s.hidden}, or {a}.attention.head_count_kv {s.kv_heads} "
                                f"does not divide it")
@@ -131,8 +137,12 @@ class GGUFModel:
                      p + "attn_v.weight": (s.kv_heads * d, s.hidden), p + "attn_output.weight": (s.hidden, s.heads * d),
                      p + "ffn_gate.weight": (s.ffn, s.hidden), p + "ffn_up.weight": (s.ffn, s.hidden),
                      p + "ffn_down.weight": (s.hidden, s.ffn)}
+            if s.qk_norm:
+                want |= {p + "attn_q_norm.weight": (d,), p + "attn_k_norm.weight": (d,)}
         if not s.tied_head:
             want["output.weight"] = (s.vocab, s.hidden)
+        if s.rope_divisors:
+            want["rope_freqs.weight"] = (d // 2,)
         for name, shape in want.items():
             got = tuple(int(n) for n in reversed(self._tensor(name).shape))  # GGUF lists in first
             if got != shape:
@@ -143,9 +153,9 @@ class GGUFModel:
         a, need = self.arch.name, self._required
         hidden, heads = need(f"{a}.embedding_length"), need(f"{a}.attention.head_count")
         scaling = self.field(f"{a}.rope.scaling.type", "none")
-        if scaling not in ("none", "linear") or "rope_freqs.weight" in self.tensors:
-            kind = "per-frequency factors (rope_freqs, Llama 3.1)" if scaling in ("none", "linear") else repr(scaling)
-            raise ConvertError(f"{self.path}: rope scaling {kind} is not supported (none, linear)")
+        if scaling not in ("none", "linear"):
+            raise ConvertError(f"{self.path}: rope scaling {scaling!r} is not supported (none, linear, and the "
+                               f"per-frequency factors of rope_freqs.weight)")
         window = self.field(f"{a}.attention.sliding_window")  # attention is full here: refuse longer contexts
         embed = self._tensor("token_embd.weight")
         return LlamaSettings(
@@ -155,7 +165,16 @@ class GGUFModel:
             rope_base=float(self.field(f"{a}.rope.freq_base", 10000.0)),
             rms_eps=float(need(f"{a}.attention.layer_norm_rms_epsilon")),
             rope_linear_factor=float(self.field(f"{a}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
-            tied_head="output.weight" not in self.tensors, qkv_bias=self.arch.qkv_bias)
+            tied_head="output.weight" not in self.tensors, qkv_bias=self.arch.qkv_bias, qk_norm=self.arch.qk_norm,
+            key_length=self.field(f"{a}.attention.key_length"), rope_divisors=self._rope_divisors())
+
+    def _rope_divisors(self) -> tuple[float, ...]:
+        if "rope_freqs.weight" not in self.tensors:
+            return ()
+        from gguf.quants import dequantize
+
+        t = self.tensors["rope_freqs.weight"]
+        return tuple(float(v) for v in dequantize(t.data, t.tensor_type).astype(np.float32).ravel())
 
     def _required(self, key: str):
         value = self.field(key)

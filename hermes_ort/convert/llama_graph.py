@@ -40,8 +40,10 @@ def inverse_frequencies(s: LlamaSettings) -> np.ndarray:
     """transformers' default rotary: 1 / base^(2i/D) in float32, divided by the linear scaling factor."""
     d = s.head_dim
     exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    return (np.float32(1.0) / np.float32(s.rope_base) ** exponents / np.float32(s.rope_linear_factor)).astype(
-        np.float32)
+    inverse = np.float32(1.0) / np.float32(s.rope_base) ** exponents / np.float32(s.rope_linear_factor)
+    if s.rope_divisors:  # Llama 3.x: llama.cpp divides each frequency by rope_freqs.weight
+        inverse = inverse / np.asarray(s.rope_divisors, np.float32)
+    return inverse.astype(np.float32)
 
 
 SHARED = ("rotary.cos", "rotary.sin", "attention.allowed")  # made by the embeddings stage, read by every block
@@ -84,8 +86,12 @@ def heads(g: GraphBuilder, x: str, count: int, d: int) -> str:  # [B, S, count*D
 def attention(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> str:
     d, kv = s.head_dim, s.kv_heads
     q, k, v = projections(g, w, x, i, s)
-    q = rotate(g, heads(g, q, s.heads, d), "rotary.cos", "rotary.sin", d)  # [B, H, S, D]
-    k = rotate(g, heads(g, k, kv, d), "rotary.cos", "rotary.sin", d)  # [B, KV, S, D]
+    q, k = heads(g, q, s.heads, d), heads(g, k, kv, d)
+    if s.qk_norm:  # qwen3: each head's q and k RMS-normed over head_dim before the rotary
+        q = rms_norm(g, q, w.vector(f"blk.{i}.attn_q_norm.weight"), s.rms_eps)
+        k = rms_norm(g, k, w.vector(f"blk.{i}.attn_k_norm.weight"), s.rms_eps)
+    q = rotate(g, q, "rotary.cos", "rotary.sin", d)  # [B, H, S, D]
+    k = rotate(g, k, "rotary.cos", "rotary.sin", d)  # [B, KV, S, D]
     key = g.op("Concat", f"past.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])  # [B, KV, T, D]
     val = g.op("Concat", f"past.{i}.value", heads(g, v, kv, d), axis=2, outputs=[f"present.{i}.value"])
     # heads h = j*group + r share KV head j: queries as [B, KV, group*S, D], so no KV copy per head
@@ -106,7 +112,7 @@ def projections(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -
         return w.linears(g, x, [n + ".weight" for n in names])
     fused = w.linears(g, x, [f"{n}.weight" for n in names], split=False)
     bias = np.concatenate([w.vector(n + ".bias") for n in names])
-    sizes = [s.hidden, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
+    sizes = [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
     return g.op("Split", g.op("Add", fused, g.const(bias, "bias")), g.ints(*sizes), axis=-1, outputs=3)
 
 

@@ -30,8 +30,11 @@ def block(rows: Rows, i: int, s: LlamaSettings, x: np.ndarray) -> tuple[np.ndarr
     positions = np.arange(seq)
     h = rms_norm(x, rows(p + "attn_norm.weight"), s.rms_eps)
     proj = lambda n: h @ rows(p + f"attn_{n}.weight").T + (rows(p + f"attn_{n}.bias") if s.qkv_bias else 0)
-    q = rotary(proj("q").reshape(seq, s.heads, d).transpose(1, 0, 2), positions, s)
-    k = rotary(proj("k").reshape(seq, s.kv_heads, d).transpose(1, 0, 2), positions, s)
+    q = proj("q").reshape(seq, s.heads, d).transpose(1, 0, 2)
+    k = proj("k").reshape(seq, s.kv_heads, d).transpose(1, 0, 2)
+    if s.qk_norm:
+        q, k = rms_norm(q, rows(p + "attn_q_norm.weight"), s.rms_eps), rms_norm(k, rows(p + "attn_k_norm.weight"), s.rms_eps)
+    q, k = rotary(q, positions, s), rotary(k, positions, s)
     v = proj("v").reshape(seq, s.kv_heads, d).transpose(1, 0, 2)
     group = s.heads // s.kv_heads
     kk, vv = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)  # [H, S, D]
