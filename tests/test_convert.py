@@ -28,6 +28,8 @@ CASES = {  # name -> (file settings, precision, MatMulNBits accuracy level)
     "llama-q4_k_m-native": (TinyConfig(**K_QUANT[1]), "native", 0),
     "llama-q4_k_m-native-int8": (TinyConfig(**K_QUANT[1]), "native", 4),
     "qwen2-q4_k_m-untied-fp32": (TinyConfig(arch="qwen2", tied=False, head_type="Q6_K", **K_QUANT[1]), "fp32", 0),
+    "llama-q4_k-table-untied-native": (TinyConfig(**{**K_QUANT[1], "table_type": "Q4_K", "tied": False}), "native", 0),
+    "phi3-partial-rotary-native": (TinyConfig(arch="phi3", tied=False, rotary_dim=12), "native", 0),
     "qwen3-head-dim-native": (TinyConfig(arch="qwen3", head_dim=128, matrix_type="Q8_0"), "native", 0),
     "llama3-rope-freqs-native": (TinyConfig(rope_freqs=tuple(np.linspace(1.0, 8.0, 8))), "native", 0),
 }
@@ -46,7 +48,8 @@ def settings_of(cfg: TinyConfig, vocab: int, values: dict | None = None) -> Llam
     divisors = tuple(float(v) for v in values["rope_freqs.weight"]) if cfg.rope_freqs else ()
     return LlamaSettings(cfg.arch, cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.ffn, vocab, 128, 10000.0,
                          1e-5, tied_head=cfg.tied, qkv_bias=cfg.arch == "qwen2", qk_norm=cfg.arch == "qwen3",
-                         key_length=cfg.head_dim, rope_divisors=divisors)
+                         key_length=cfg.head_dim, rope_divisors=divisors, fused=cfg.arch == "phi3",
+                         rotary_dim=cfg.rotary_dim)
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])

@@ -34,6 +34,10 @@ FAMILIES = {  # name -> (file, transformers' config overrides: what its GGUF loa
     "llama-q4_k_m": (lambda: TinyConfig(**K_QUANT[1]), {}),
     "qwen2-untied": (lambda: TinyConfig(arch="qwen2", tied=False), {}),
     "qwen3": (lambda: TinyConfig(arch="qwen3", head_dim=128, matrix_type="Q8_0"), {}),
+    "phi3-partial-rotary": (lambda: TinyConfig(arch="phi3", tied=False, rotary_dim=12, matrix_type="Q4_0"),
+                            {"pad_token_id": 0,  # its default 32000 lies past the tiny vocabulary
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.75}}),  # rope.dimension_count 12 of 16
     "llama3-rope-freqs": (lambda: TinyConfig(rope_freqs=llama3_divisors()), {"rope_parameters": LLAMA3_ROPE}),
 }
 IDS = np.array([5, 17, 260, 99, 3, 42, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20])

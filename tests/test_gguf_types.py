@@ -142,3 +142,20 @@ def test_int8_activations_take_no_zero_point_input(every_type_file):
     nodes = [n for n in g.nodes if n.op_type == "MatMulNBits"]
     assert nodes and all(len(n.input) == 3 for n in nodes)
     assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4}
+
+
+def test_a_file_read_in_part_maps_the_table_minimums_beside_it(tmp_path):
+    """An untied Q4_K table: its codes and zero points are read by GatherBlockQuantized, its minimums by a
+    Gather (looked up): one file, so the prepared stage maps every weight it holds (a map of only the read
+    span left the minimums outside it: 'buffer is smaller than requested size')."""
+    from hermes_ort.engine.prepared import MappedWeights, read_spans
+    from hermes_ort.engine.templates import WeightRef
+
+    data = np.arange(3 << 20, dtype=np.uint8)
+    (tmp_path / "embeddings.data").write_bytes(data.tobytes())
+    refs = (WeightRef("w_0", "embeddings.data", 0, 1 << 20, "uint8", (1 << 20,)),
+            WeightRef("w_1", "embeddings.data", 2 << 20, 1 << 20, "uint8", (1 << 20,), looked_up=True))
+    assert read_spans(refs) == {"embeddings.data": (0, 3 << 20)}
+    weights = MappedWeights(tmp_path, refs, {"embeddings.data"})
+    assert np.array_equal(weights.arrays["w_1"], data[2 << 20:])
+    weights.close()

@@ -29,6 +29,7 @@ class TinyConfig:
     head_type: str | None = None  # an untied output.weight's type (default: matrix_type)
     vocabulary: str = "gpt2"  # or "llama": SentencePiece pieces with scores and byte fallback
     head_dim: int | None = None  # written as attention.key_length (qwen3 decouples it from hidden / heads)
+    rotary_dim: int | None = None  # rope.dimension_count (phi3's partial rotary)
     rope_freqs: tuple[float, ...] = ()  # rope_freqs.weight: per-frequency divisors (Llama 3.x), head_dim / 2
 
     def type_of(self, suffix: str) -> str:
@@ -118,9 +119,15 @@ def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -
     for i in range(cfg.layers):
         p, m = f"blk.{i}.", cfg.type_of
         add(p + "attn_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
-        add(p + "attn_q.weight", rng.standard_normal((cfg.heads * d, cfg.hidden)) * gain, m("attn_q"), cfg.heads)
-        add(p + "attn_k.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * gain, m("attn_k"), cfg.kv_heads)
-        add(p + "attn_v.weight", rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * gain, m("attn_v"))
+        q = rng.standard_normal((cfg.heads * d, cfg.hidden)) * gain
+        k = rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * gain
+        v = rng.standard_normal((cfg.kv_heads * d, cfg.hidden)) * gain
+        if cfg.arch == "phi3":  # one matrix for q, k, v (rows in that order)
+            add(p + "attn_qkv.weight", np.concatenate([q, k, v]), m("attn_qkv"))
+        else:
+            add(p + "attn_q.weight", q, m("attn_q"), cfg.heads)
+            add(p + "attn_k.weight", k, m("attn_k"), cfg.kv_heads)
+            add(p + "attn_v.weight", v, m("attn_v"))
         if cfg.arch == "qwen2":
             for n, rows in (("q", cfg.heads * d), ("k", cfg.kv_heads * d), ("v", cfg.kv_heads * d)):
                 add(p + f"attn_{n}.bias", 0.1 * rng.standard_normal(rows), "F32")
@@ -129,8 +136,12 @@ def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -
             add(p + "attn_k_norm.weight", 1 + 0.1 * rng.standard_normal(d), "F32")
         add(p + "attn_output.weight", rng.standard_normal((cfg.hidden, cfg.heads * d)) * gain, m("attn_output"))
         add(p + "ffn_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
-        add(p + "ffn_gate.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * gain, m("ffn_gate"))
-        add(p + "ffn_up.weight", rng.standard_normal((cfg.ffn, cfg.hidden)) * gain, m("ffn_up"))
+        gate, up = (rng.standard_normal((cfg.ffn, cfg.hidden)) * gain for _ in range(2))
+        if cfg.arch == "phi3":  # one matrix: gate rows, then up rows
+            add(p + "ffn_up.weight", np.concatenate([gate, up]), m("ffn_up"))
+        else:
+            add(p + "ffn_gate.weight", gate, m("ffn_gate"))
+            add(p + "ffn_up.weight", up, m("ffn_up"))
         add(p + "ffn_down.weight", rng.standard_normal((cfg.hidden, cfg.ffn)) * gain, m("ffn_down"))
     add("output_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
     if cfg.rope_freqs:  # as llama.cpp writes Llama 3.1's: 1 for high frequencies, up to the factor for low
@@ -185,6 +196,8 @@ def byte_level_meta(w: GGUFWriter, tokens: list[str], merges: list[str]) -> None
 
 
 def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int) -> None:
+    if cfg.rotary_dim:
+        w.add_rope_dimension_count(cfg.rotary_dim)
     if cfg.head_dim:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)

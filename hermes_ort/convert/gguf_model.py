@@ -27,6 +27,7 @@ class Architecture:
     permuted_qk: bool  # llama.cpp permuted Q/K rows at conversion (llama, mistral)
     qkv_bias: bool  # Q, K and V projections carry biases (qwen2)
     qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary (attn_q_norm / attn_k_norm, qwen3)
+    fused: bool = False  # one attn_qkv matrix and one ffn_up holding gate then up (phi3)
 
 
 ARCHITECTURES = {a.name: a for a in (
@@ -34,6 +35,7 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("mistral", permuted_qk=True, qkv_bias=False),
     Architecture("qwen2", permuted_qk=False, qkv_bias=True),
     Architecture("qwen3", permuted_qk=False, qkv_bias=False, qk_norm=True),
+    Architecture("phi3", permuted_qk=False, qkv_bias=False, fused=True),
 )}
 
 
@@ -57,6 +59,12 @@ class LlamaSettings:
     qk_norm: bool = False
     key_length: int | None = None  # head_dim when the file gives it (qwen3: 128 at hidden 1024 / 16 heads)
     rope_divisors: tuple[float, ...] = ()  # rope_freqs.weight: each frequency divided by its factor (Llama 3.x)
+    fused: bool = False
+    rotary_dim: int | None = None  # rope.dimension_count: only the first rotary_dim of each head rotate (phi3)
+
+    @property
+    def rotated(self) -> int:
+        return self.rotary_dim or self.head_dim
 
     @property
     def head_dim(self) -> int:
@@ -69,7 +77,8 @@ class LlamaSettings:
                 "intermediate_size": self.ffn, "vocab_size": self.vocab, "max_position_embeddings": self.context,
                 "rope_theta": self.rope_base, "rms_norm_eps": self.rms_eps,
                 "rope_linear_factor": self.rope_linear_factor, "tie_word_embeddings": self.tied_head,
-                "head_dim": self.head_dim, "rope_freq_factors": bool(self.rope_divisors)}
+                "head_dim": self.head_dim, "rope_freq_factors": bool(self.rope_divisors),
+                "rotary_dim": self.rotated}
 
 
 def readable(kind) -> bool:
@@ -117,9 +126,11 @@ class GGUFModel:
     def _check_shapes(self) -> None:
         """Metadata that contradicts the tensors is refused here, naming the numbers, not at ORT's Reshape."""
         s, a = self.settings, self.arch.name
-        if s.layers < 1 or s.hidden < 1 or s.heads < 1 or s.kv_heads < 1 or s.ffn < 1 or s.head_dim < 2:
+        if s.layers < 1 or s.hidden < 1 or s.heads < 1 or s.kv_heads < 1 or s.ffn < 1 or s.head_dim < 2 or not (
+                2 <= s.rotated <= s.head_dim and s.rotated % 2 == 0):
             raise ConvertError(f"{self.path}: metadata gives {s.layers} layers, hidden {s.hidden}, {s.heads} heads, "
-                               f"{s.kv_heads} KV heads, ffn {s.ffn}: every one must be positive")
+                               f"{s.kv_heads} KV heads, ffn {s.ffn}, head_dim {s.head_dim}, rotary dims {s.rotated}: "
+                               f"every one must be positive, the rotary dims even and at most head_dim")
         for key, number in (("rope.freq_base", s.rope_base), ("attention.layer_norm_rms_epsilon", s.rms_eps),
                             ("rope.scaling.factor", s.rope_linear_factor)):
             if not (np.isfinite(number) and number > 0):
@@ -137,6 +148,11 @@ class GGUFModel:
                      p + "attn_v.weight": (s.kv_heads * d, s.hidden), p + "attn_output.weight": (s.hidden, s.heads * d),
                      p + "ffn_gate.weight": (s.ffn, s.hidden), p + "ffn_up.weight": (s.ffn, s.hidden),
                      p + "ffn_down.weight": (s.hidden, s.ffn)}
+            if s.fused:
+                for n in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
+                    del want[p + n + ".weight"]
+                want |= {p + "attn_qkv.weight": ((s.heads + 2 * s.kv_heads) * d, s.hidden),
+                         p + "ffn_up.weight": (2 * s.ffn, s.hidden)}
             if s.qk_norm:
                 want |= {p + "attn_q_norm.weight": (d,), p + "attn_k_norm.weight": (d,)}
         if not s.tied_head:
@@ -166,9 +182,14 @@ class GGUFModel:
             rms_eps=float(need(f"{a}.attention.layer_norm_rms_epsilon")),
             rope_linear_factor=float(self.field(f"{a}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
             tied_head="output.weight" not in self.tensors, qkv_bias=self.arch.qkv_bias, qk_norm=self.arch.qk_norm,
-            key_length=self.field(f"{a}.attention.key_length"), rope_divisors=self._rope_divisors())
+            key_length=self.field(f"{a}.attention.key_length"), rope_divisors=self._rope_divisors(),
+            fused=self.arch.fused, rotary_dim=self.field(f"{a}.rope.dimension_count"))
 
     def _rope_divisors(self) -> tuple[float, ...]:
+        longrope = [n for n in ("rope_factors_long.weight", "rope_factors_short.weight") if n in self.tensors]
+        if longrope:
+            raise ConvertError(f"{self.path}: longrope scaling ({', '.join(longrope)}) is not converted: phi3 files "
+                               f"without it (the 4k-context ones) are")
         if "rope_freqs.weight" not in self.tensors:
             return ()
         from gguf.quants import dequantize

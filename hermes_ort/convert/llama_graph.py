@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from .gguf_model import LlamaSettings
+from .float_weights import split_outputs
 from .onnx_builder import BOOL, FLOAT, FLOAT_MIN, GraphBuilder, value
 
 B, S, T, P = "batch", "sequence", "total_sequence", "past_sequence"
@@ -38,7 +39,7 @@ def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
 
 def inverse_frequencies(s: LlamaSettings) -> np.ndarray:
     """transformers' default rotary: 1 / base^(2i/D) in float32, divided by the linear scaling factor."""
-    d = s.head_dim
+    d = s.rotated
     exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
     inverse = np.float32(1.0) / np.float32(s.rope_base) ** exponents / np.float32(s.rope_linear_factor)
     if s.rope_divisors:  # Llama 3.x: llama.cpp divides each frequency by rope_freqs.weight
@@ -58,8 +59,12 @@ def rotary_tables(g: GraphBuilder, s: LlamaSettings) -> None:
     g.op("Sin", angles, outputs=["rotary.sin"])
 
 
-def rotate(g: GraphBuilder, x: str, cos: str, sin: str, d: int) -> str:
-    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] over the halves of the last axis."""
+def rotate(g: GraphBuilder, x: str, cos: str, sin: str, d: int, rotated: int | None = None) -> str:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] over the halves of the last axis; with
+    `rotated` < d only the first `rotated` values of each head turn (phi3's partial rotary)."""
+    if rotated and rotated < d:
+        turned = rotate(g, g.op("Slice", x, g.ints(0), g.ints(rotated), g.ints(-1)), cos, sin, rotated)
+        return g.op("Concat", turned, g.op("Slice", x, g.ints(rotated), g.ints(d), g.ints(-1)), axis=-1)
     first = g.op("Slice", x, g.ints(0), g.ints(d // 2), g.ints(-1))
     second = g.op("Slice", x, g.ints(d // 2), g.ints(d), g.ints(-1))
     half = g.op("Concat", g.op("Neg", second), first, axis=-1)
@@ -90,8 +95,8 @@ def attention(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> 
     if s.qk_norm:  # qwen3: each head's q and k RMS-normed over head_dim before the rotary
         q = rms_norm(g, q, w.vector(f"blk.{i}.attn_q_norm.weight"), s.rms_eps)
         k = rms_norm(g, k, w.vector(f"blk.{i}.attn_k_norm.weight"), s.rms_eps)
-    q = rotate(g, q, "rotary.cos", "rotary.sin", d)  # [B, H, S, D]
-    k = rotate(g, k, "rotary.cos", "rotary.sin", d)  # [B, KV, S, D]
+    q = rotate(g, q, "rotary.cos", "rotary.sin", d, s.rotated)  # [B, H, S, D]
+    k = rotate(g, k, "rotary.cos", "rotary.sin", d, s.rotated)  # [B, KV, S, D]
     key = g.op("Concat", f"past.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])  # [B, KV, T, D]
     val = g.op("Concat", f"past.{i}.value", heads(g, v, kv, d), axis=2, outputs=[f"present.{i}.value"])
     # heads h = j*group + r share KV head j: queries as [B, KV, group*S, D], so no KV copy per head
@@ -108,11 +113,13 @@ def attention(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> 
 def projections(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> list[str]:
     """q [B, S, H*D], k and v [B, S, KV*D]: one matrix, biases added (qwen2) before the split."""
     names = [f"blk.{i}.attn_{n}" for n in "qkv"]
+    sizes = [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
+    if s.fused:  # phi3: the file's one matrix
+        return split_outputs(g, w.linear(g, x, f"blk.{i}.attn_qkv.weight"), sizes)
     if not s.qkv_bias:
         return w.linears(g, x, [n + ".weight" for n in names])
     fused = w.linears(g, x, [f"{n}.weight" for n in names], split=False)
     bias = np.concatenate([w.vector(n + ".bias") for n in names])
-    sizes = [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
     return g.op("Split", g.op("Add", fused, g.const(bias, "bias")), g.ints(*sizes), axis=-1, outputs=3)
 
 
@@ -122,7 +129,10 @@ def block(w: Weights, i: int, s: LlamaSettings) -> onnx.ModelProto:
     normed = rms_norm(g, hidden, w.vector(f"blk.{i}.attn_norm.weight"), s.rms_eps)
     mid = g.op("Add", hidden, attention(g, w, normed, i, s))
     x = rms_norm(g, mid, w.vector(f"blk.{i}.ffn_norm.weight"), s.rms_eps)
-    gate, up = w.linears(g, x, [f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"])
+    if s.fused:  # phi3: ffn_up holds gate then up
+        gate, up = split_outputs(g, w.linear(g, x, f"blk.{i}.ffn_up.weight"), [s.ffn, s.ffn])
+    else:
+        gate, up = w.linears(g, x, [f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"])
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
     g.op("Add", mid, w.linear(g, act, f"blk.{i}.ffn_down.weight"), outputs=[f"hidden.{i + 1}"])
     past = [B, s.kv_heads, P, s.head_dim]
@@ -135,7 +145,7 @@ def block(w: Weights, i: int, s: LlamaSettings) -> onnx.ModelProto:
 
 
 def shared_values(s: LlamaSettings) -> list[onnx.ValueInfoProto]:
-    table = [B, 1, S, s.head_dim]
+    table = [B, 1, S, s.rotated]
     return [value("rotary.cos", np.float32, table), value("rotary.sin", np.float32, table),
             value("attention.allowed", np.bool_, [B, 1, "group_sequence", T])]
 

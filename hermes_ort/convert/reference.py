@@ -17,7 +17,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rotary(x: np.ndarray, positions: np.ndarray, s: LlamaSettings) -> np.ndarray:
-    """x [H, S, D] at positions [S], rotate-half layout."""
+    """x [H, S, D] at positions [S], rotate-half layout over the first s.rotated values of each head."""
+    if s.rotated < x.shape[-1]:
+        return np.concatenate([rotary(x[..., :s.rotated], positions, s), x[..., s.rotated:]], -1)
     angles = positions[:, None].astype(np.float32) * inverse_frequencies(s)  # [S, D/2]
     cos, sin = np.cos(np.concatenate([angles] * 2, -1)), np.sin(np.concatenate([angles] * 2, -1))
     half = x.shape[-1] // 2
@@ -29,7 +31,12 @@ def block(rows: Rows, i: int, s: LlamaSettings, x: np.ndarray) -> tuple[np.ndarr
     p, d, seq = f"blk.{i}.", s.head_dim, x.shape[0]
     positions = np.arange(seq)
     h = rms_norm(x, rows(p + "attn_norm.weight"), s.rms_eps)
-    proj = lambda n: h @ rows(p + f"attn_{n}.weight").T + (rows(p + f"attn_{n}.bias") if s.qkv_bias else 0)
+    if s.fused:  # phi3: q, k, v rows one after another in attn_qkv
+        qkv = h @ rows(p + "attn_qkv.weight").T
+        parts = dict(zip("qkv", np.split(qkv, [s.heads * d, (s.heads + s.kv_heads) * d], axis=-1)))
+        proj = lambda n: parts[n]
+    else:
+        proj = lambda n: h @ rows(p + f"attn_{n}.weight").T + (rows(p + f"attn_{n}.bias") if s.qkv_bias else 0)
     q = proj("q").reshape(seq, s.heads, d).transpose(1, 0, 2)
     k = proj("k").reshape(seq, s.kv_heads, d).transpose(1, 0, 2)
     if s.qk_norm:
@@ -44,7 +51,10 @@ def block(rows: Rows, i: int, s: LlamaSettings, x: np.ndarray) -> tuple[np.ndarr
     context = (probs / probs.sum(-1, keepdims=True)) @ vv  # [H, S, D]
     x = x + context.transpose(1, 0, 2).reshape(seq, -1) @ rows(p + "attn_output.weight").T
     h = rms_norm(x, rows(p + "ffn_norm.weight"), s.rms_eps)
-    gate, up = h @ rows(p + "ffn_gate.weight").T, h @ rows(p + "ffn_up.weight").T
+    if s.fused:
+        gate, up = np.split(h @ rows(p + "ffn_up.weight").T, 2, axis=-1)
+    else:
+        gate, up = h @ rows(p + "ffn_gate.weight").T, h @ rows(p + "ffn_up.weight").T
     return x + (gate / (1 + np.exp(-gate)) * up) @ rows(p + "ffn_down.weight").T, k, v
 
 

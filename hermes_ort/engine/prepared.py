@@ -68,8 +68,9 @@ def read_spans(weights) -> dict[str, tuple[int, int]]:
     medium: 4 of 48 MiB left huge). A GPT-2 head part reads a quarter of the tied token table's file:
     mapping the whole file populated took 21 ms, against its own rows."""
     found: dict[str, tuple[int, int]] = {}
-    for w in weights:
-        if not w.looked_up:
+    read = {w.location for w in weights if not w.looked_up}
+    for w in weights:  # a file read in part maps every weight it holds (a table's minimums beside its codes)
+        if w.location in read:
             start, end = found.get(w.location, (w.offset, w.offset + w.length))
             found[w.location] = (min(start, w.offset), max(end, w.offset + w.length))
     return found
