@@ -30,6 +30,7 @@ CASES = {  # name -> (file settings, precision, MatMulNBits accuracy level)
     "qwen2-q4_k_m-untied-fp32": (TinyConfig(arch="qwen2", tied=False, head_type="Q6_K", **K_QUANT[1]), "fp32", 0),
     "llama-q4_k-table-untied-native": (TinyConfig(**{**K_QUANT[1], "table_type": "Q4_K", "tied": False}), "native", 0),
     "phi3-partial-rotary-native": (TinyConfig(arch="phi3", tied=False, rotary_dim=12), "native", 0),
+    "gemma3-sliding-native": (TinyConfig(arch="gemma3", layers=6, window=3, rope_base=1e6, head_dim=16), "native", 0),
     "qwen3-head-dim-native": (TinyConfig(arch="qwen3", head_dim=128, matrix_type="Q8_0"), "native", 0),
     "llama3-rope-freqs-native": (TinyConfig(rope_freqs=tuple(np.linspace(1.0, 8.0, 8))), "native", 0),
 }
@@ -46,8 +47,9 @@ def converted(request, tmp_path_factory):
 
 def settings_of(cfg: TinyConfig, vocab: int, values: dict | None = None) -> LlamaSettings:
     divisors = tuple(float(v) for v in values["rope_freqs.weight"]) if cfg.rope_freqs else ()
-    return LlamaSettings(cfg.arch, cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.ffn, vocab, 128, 10000.0,
-                         1e-5, tied_head=cfg.tied, qkv_bias=cfg.arch == "qwen2", qk_norm=cfg.arch == "qwen3",
+    return LlamaSettings(cfg.arch, cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.ffn, vocab, 128, cfg.rope_base,
+                         1e-5, tied_head=cfg.tied, gemma=cfg.arch == "gemma3", window=cfg.window,
+                         sliding_pattern=6 if cfg.arch == "gemma3" else 0, qkv_bias=cfg.arch == "qwen2", qk_norm=cfg.arch in ("qwen3", "gemma3"),
                          key_length=cfg.head_dim, rope_divisors=divisors, fused=cfg.arch == "phi3",
                          rotary_dim=cfg.rotary_dim)
 

@@ -38,6 +38,8 @@ FAMILIES = {  # name -> (file, transformers' config overrides: what its GGUF loa
                             {"pad_token_id": 0,  # its default 32000 lies past the tiny vocabulary
                              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                  "partial_rotary_factor": 0.75}}),  # rope.dimension_count 12 of 16
+    "gemma3-sliding": (lambda: TinyConfig(arch="gemma3", layers=6, window=4, rope_base=1e6, head_dim=16),
+                       {"query_pre_attn_scalar": 16}),  # = head_dim, as llama.cpp scales (its GGUF has no key)
     "llama3-rope-freqs": (lambda: TinyConfig(rope_freqs=llama3_divisors()), {"rope_parameters": LLAMA3_ROPE}),
 }
 IDS = np.array([5, 17, 260, 99, 3, 42, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20])

@@ -30,6 +30,8 @@ class TinyConfig:
     vocabulary: str = "gpt2"  # or "llama": SentencePiece pieces with scores and byte fallback
     head_dim: int | None = None  # written as attention.key_length (qwen3 decouples it from hidden / heads)
     rotary_dim: int | None = None  # rope.dimension_count (phi3's partial rotary)
+    window: int | None = None  # attention.sliding_window (gemma3's local layers)
+    rope_base: float = 10000.0
     rope_freqs: tuple[float, ...] = ()  # rope_freqs.weight: per-frequency divisors (Llama 3.x), head_dim / 2
 
     def type_of(self, suffix: str) -> str:
@@ -131,10 +133,13 @@ def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -
         if cfg.arch == "qwen2":
             for n, rows in (("q", cfg.heads * d), ("k", cfg.kv_heads * d), ("v", cfg.kv_heads * d)):
                 add(p + f"attn_{n}.bias", 0.1 * rng.standard_normal(rows), "F32")
-        if cfg.arch == "qwen3":
+        if cfg.arch in ("qwen3", "gemma3"):
             add(p + "attn_q_norm.weight", 1 + 0.1 * rng.standard_normal(d), "F32")
             add(p + "attn_k_norm.weight", 1 + 0.1 * rng.standard_normal(d), "F32")
         add(p + "attn_output.weight", rng.standard_normal((cfg.hidden, cfg.heads * d)) * gain, m("attn_output"))
+        if cfg.arch == "gemma3":  # norms after each branch too (GGUF holds 1 + w, as these do)
+            add(p + "post_attention_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
+            add(p + "post_ffw_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
         add(p + "ffn_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
         gate, up = (rng.standard_normal((cfg.ffn, cfg.hidden)) * gain for _ in range(2))
         if cfg.arch == "phi3":  # one matrix: gate rows, then up rows
@@ -207,6 +212,8 @@ def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int) -> None:
     w.add_feed_forward_length(cfg.ffn)
     w.add_head_count(cfg.heads)
     w.add_head_count_kv(cfg.kv_heads)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(cfg.rope_base)
+    if cfg.window:
+        w.add_sliding_window(cfg.window)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)

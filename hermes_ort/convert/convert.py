@@ -196,7 +196,7 @@ def shared_tables(manifest: Manifest, directory: Path, tokens: int) -> dict[str,
     feed = {"input_ids": np.zeros((1, tokens), np.int64), "position_ids": np.arange(tokens)[None],
             "attention_mask": np.ones((1, tokens), np.int64)}
     out = run_stage(stage, open_stage(directory, stage, SessionConfig()), feed)
-    return {name: out[name] for name in llama_graph.SHARED}
+    return {name: array for name, array in out.items() if name != "hidden.0"}
 
 
 def block_feed(s, i: int, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -28,6 +28,9 @@ class Architecture:
     qkv_bias: bool  # Q, K and V projections carry biases (qwen2)
     qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary (attn_q_norm / attn_k_norm, qwen3)
     fused: bool = False  # one attn_qkv matrix and one ffn_up holding gate then up (phi3)
+    gemma: bool = False  # embeddings times sqrt(hidden), norms after attention and MLP too, GELU-tanh gate
+    sliding_pattern: int = 0  # every n-th layer attends globally, the others over attention.sliding_window
+    local_rope_base: float = 10000.0  # the sliding layers' rotary base (llama.cpp's rope_freq_base_train_swa)
 
 
 ARCHITECTURES = {a.name: a for a in (
@@ -36,6 +39,7 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("qwen2", permuted_qk=False, qkv_bias=True),
     Architecture("qwen3", permuted_qk=False, qkv_bias=False, qk_norm=True),
     Architecture("phi3", permuted_qk=False, qkv_bias=False, fused=True),
+    Architecture("gemma3", permuted_qk=False, qkv_bias=False, qk_norm=True, gemma=True, sliding_pattern=6),
 )}
 
 
@@ -60,11 +64,19 @@ class LlamaSettings:
     key_length: int | None = None  # head_dim when the file gives it (qwen3: 128 at hidden 1024 / 16 heads)
     rope_divisors: tuple[float, ...] = ()  # rope_freqs.weight: each frequency divided by its factor (Llama 3.x)
     fused: bool = False
+    gemma: bool = False
+    sliding_pattern: int = 0
+    window: int | None = None  # the sliding layers' attention.sliding_window
+    local_rope_base: float = 10000.0
     rotary_dim: int | None = None  # rope.dimension_count: only the first rotary_dim of each head rotate (phi3)
 
     @property
     def rotated(self) -> int:
         return self.rotary_dim or self.head_dim
+
+    def local(self, layer: int) -> bool:
+        """Layer attends over the sliding window only (gemma3: five of every six)."""
+        return bool(self.sliding_pattern and self.window and (layer + 1) % self.sliding_pattern)
 
     @property
     def head_dim(self) -> int:
@@ -78,7 +90,8 @@ class LlamaSettings:
                 "rope_theta": self.rope_base, "rms_norm_eps": self.rms_eps,
                 "rope_linear_factor": self.rope_linear_factor, "tie_word_embeddings": self.tied_head,
                 "head_dim": self.head_dim, "rope_freq_factors": bool(self.rope_divisors),
-                "rotary_dim": self.rotated}
+                "rotary_dim": self.rotated, "local_window": self.window if self.sliding_pattern else None,
+                "local_layers": [i for i in range(self.layers) if self.local(i)]}
 
 
 def readable(kind) -> bool:
@@ -155,6 +168,8 @@ class GGUFModel:
                          p + "ffn_up.weight": (2 * s.ffn, s.hidden)}
             if s.qk_norm:
                 want |= {p + "attn_q_norm.weight": (d,), p + "attn_k_norm.weight": (d,)}
+            if s.gemma:
+                want |= {p + "post_attention_norm.weight": (s.hidden,), p + "post_ffw_norm.weight": (s.hidden,)}
         if not s.tied_head:
             want["output.weight"] = (s.vocab, s.hidden)
         if s.rope_divisors:
@@ -172,18 +187,21 @@ class GGUFModel:
         if scaling not in ("none", "linear"):
             raise ConvertError(f"{self.path}: rope scaling {scaling!r} is not supported (none, linear, and the "
                                f"per-frequency factors of rope_freqs.weight)")
-        window = self.field(f"{a}.attention.sliding_window")  # attention is full here: refuse longer contexts
+        window = self.field(f"{a}.attention.sliding_window")  # full attention: a context past it would differ
+        window_caps = None if self.arch.sliding_pattern else window  # gemma3: only its local layers slide
         embed = self._tensor("token_embd.weight")
         return LlamaSettings(
             architecture=a, layers=need(f"{a}.block_count"), hidden=hidden, heads=heads,
             kv_heads=self.field(f"{a}.attention.head_count_kv", heads), ffn=need(f"{a}.feed_forward_length"),
-            vocab=int(embed.shape[-1]), context=min(need(f"{a}.context_length"), window or 1 << 62),
+            vocab=int(embed.shape[-1]), context=min(need(f"{a}.context_length"), window_caps or 1 << 62),
             rope_base=float(self.field(f"{a}.rope.freq_base", 10000.0)),
             rms_eps=float(need(f"{a}.attention.layer_norm_rms_epsilon")),
             rope_linear_factor=float(self.field(f"{a}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
             tied_head="output.weight" not in self.tensors, qkv_bias=self.arch.qkv_bias, qk_norm=self.arch.qk_norm,
             key_length=self.field(f"{a}.attention.key_length"), rope_divisors=self._rope_divisors(),
-            fused=self.arch.fused, rotary_dim=self.field(f"{a}.rope.dimension_count"))
+            fused=self.arch.fused, rotary_dim=self.field(f"{a}.rope.dimension_count"), gemma=self.arch.gemma,
+            sliding_pattern=self.arch.sliding_pattern, window=window if self.arch.sliding_pattern else None,
+            local_rope_base=self.arch.local_rope_base)
 
     def _rope_divisors(self) -> tuple[float, ...]:
         longrope = [n for n in ("rope_factors_long.weight", "rope_factors_short.weight") if n in self.tensors]

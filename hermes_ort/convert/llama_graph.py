@@ -37,26 +37,37 @@ def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
     return g.op("SimplifiedLayerNormalization", x, g.const(weight, "norm"), axis=-1, epsilon=eps)
 
 
-def inverse_frequencies(s: LlamaSettings) -> np.ndarray:
-    """transformers' default rotary: 1 / base^(2i/D) in float32, divided by the linear scaling factor."""
+def inverse_frequencies(s: LlamaSettings, local: bool = False) -> np.ndarray:
+    """transformers' default rotary: 1 / base^(2i/D) in float32, divided by the linear scaling factor
+    (local: gemma3's sliding layers, their own base and no scaling)."""
     d = s.rotated
     exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    inverse = np.float32(1.0) / np.float32(s.rope_base) ** exponents / np.float32(s.rope_linear_factor)
+    base, factor = (s.local_rope_base, 1.0) if local else (s.rope_base, s.rope_linear_factor)
+    inverse = np.float32(1.0) / np.float32(base) ** exponents / np.float32(factor)
     if s.rope_divisors:  # Llama 3.x: llama.cpp divides each frequency by rope_freqs.weight
         inverse = inverse / np.asarray(s.rope_divisors, np.float32)
     return inverse.astype(np.float32)
 
 
 SHARED = ("rotary.cos", "rotary.sin", "attention.allowed")  # made by the embeddings stage, read by every block
+LOCAL = ("rotary.local.cos", "rotary.local.sin", "attention.allowed.local")  # gemma3's sliding layers read these
 
 
-def rotary_tables(g: GraphBuilder, s: LlamaSettings) -> None:
-    """rotary.cos and rotary.sin [B, 1, S, D] of position_ids [B, S]."""
+def shared_names(s: LlamaSettings, layer: int | None = None) -> tuple[str, ...]:
+    """What a block reads from the embeddings stage (layer None: what the embeddings stage gives)."""
+    if layer is None:
+        return SHARED + (LOCAL if any(s.local(i) for i in range(s.layers)) else ())
+    return LOCAL if s.local(layer) else SHARED
+
+
+def rotary_tables(g: GraphBuilder, s: LlamaSettings, local: bool = False) -> None:
+    """rotary.cos and rotary.sin [B, 1, S, D] of position_ids [B, S] (local: rotary.local.*)."""
     positions = g.op("Unsqueeze", g.op("Cast", "position_ids", to=FLOAT), g.ints(-1))  # [B, S, 1]
-    freqs = g.op("Mul", positions, g.const(inverse_frequencies(s), "inv_freq"))  # [B, S, D/2]
+    freqs = g.op("Mul", positions, g.const(inverse_frequencies(s, local), "inv_freq"))  # [B, S, D/2]
     angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.ints(1))  # [B, 1, S, D]
-    g.op("Cos", angles, outputs=["rotary.cos"])
-    g.op("Sin", angles, outputs=["rotary.sin"])
+    cos, sin, _ = LOCAL if local else SHARED
+    g.op("Cos", angles, outputs=[cos])
+    g.op("Sin", angles, outputs=[sin])
 
 
 def rotate(g: GraphBuilder, x: str, cos: str, sin: str, d: int, rotated: int | None = None) -> str:
@@ -81,7 +92,11 @@ def allowed_keys(g: GraphBuilder, s: LlamaSettings) -> None:
     keys = g.op("Unsqueeze", g.op("Range", zero, total, one), g.ints(0))  # [1, T]
     padding = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=BOOL), g.ints(1, 2))  # [B, 1, 1, T]
     allowed = g.op("And", g.op("LessOrEqual", keys, queries), padding)  # [B, 1, S, T]
-    g.op("Tile", allowed, g.ints(1, 1, s.heads // s.kv_heads, 1), outputs=["attention.allowed"])
+    tiles = g.ints(1, 1, s.heads // s.kv_heads, 1)
+    g.op("Tile", allowed, tiles, outputs=["attention.allowed"])
+    if LOCAL[0] in shared_names(s):  # sliding layers: key j seen by query i when i - j < window
+        near = g.op("Greater", keys, g.op("Sub", queries, g.const(np.int64(s.window), "window")))
+        g.op("Tile", g.op("And", allowed, near), tiles, outputs=["attention.allowed.local"])
 
 
 def heads(g: GraphBuilder, x: str, count: int, d: int) -> str:  # [B, S, count*D] -> [B, count, S, D]
@@ -95,15 +110,16 @@ def attention(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> 
     if s.qk_norm:  # qwen3: each head's q and k RMS-normed over head_dim before the rotary
         q = rms_norm(g, q, w.vector(f"blk.{i}.attn_q_norm.weight"), s.rms_eps)
         k = rms_norm(g, k, w.vector(f"blk.{i}.attn_k_norm.weight"), s.rms_eps)
-    q = rotate(g, q, "rotary.cos", "rotary.sin", d, s.rotated)  # [B, H, S, D]
-    k = rotate(g, k, "rotary.cos", "rotary.sin", d, s.rotated)  # [B, KV, S, D]
+    cos, sin, allowed = shared_names(s, i)
+    q = rotate(g, q, cos, sin, d, s.rotated)  # [B, H, S, D]
+    k = rotate(g, k, cos, sin, d, s.rotated)  # [B, KV, S, D]
     key = g.op("Concat", f"past.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])  # [B, KV, T, D]
     val = g.op("Concat", f"past.{i}.value", heads(g, v, kv, d), axis=2, outputs=[f"present.{i}.value"])
     # heads h = j*group + r share KV head j: queries as [B, KV, group*S, D], so no KV copy per head
     grouped = g.op("Reshape", q, g.ints(0, kv, -1, d))
     scores = g.op("Mul", g.op("MatMul", grouped, g.op("Transpose", key, perm=[0, 1, 3, 2])),
                   g.const(np.float32(1.0 / np.sqrt(d)), "scale"))  # [B, KV, group*S, T]
-    masked = g.op("Where", "attention.allowed", scores, g.const(np.float32(FLOAT_MIN), "min"))
+    masked = g.op("Where", allowed, scores, g.const(np.float32(FLOAT_MIN), "min"))
     context = g.op("Reshape", g.op("MatMul", g.op("Softmax", masked, axis=-1), val),
                    g.ints(0, s.heads, -1, d))  # [B, H, S, D]
     merged = g.op("Reshape", g.op("Transpose", context, perm=[0, 2, 1, 3]), g.ints(0, 0, s.heads * d))
@@ -127,37 +143,51 @@ def block(w: Weights, i: int, s: LlamaSettings) -> onnx.ModelProto:
     g = GraphBuilder(f"block_{i:02d}")
     hidden = f"hidden.{i}"
     normed = rms_norm(g, hidden, w.vector(f"blk.{i}.attn_norm.weight"), s.rms_eps)
-    mid = g.op("Add", hidden, attention(g, w, normed, i, s))
+    attended = attention(g, w, normed, i, s)
+    if s.gemma:  # gemma3 norms each branch's output as well (its GGUF norms hold 1 + w: used as stored)
+        attended = rms_norm(g, attended, w.vector(f"blk.{i}.post_attention_norm.weight"), s.rms_eps)
+    mid = g.op("Add", hidden, attended)
     x = rms_norm(g, mid, w.vector(f"blk.{i}.ffn_norm.weight"), s.rms_eps)
     if s.fused:  # phi3: ffn_up holds gate then up
         gate, up = split_outputs(g, w.linear(g, x, f"blk.{i}.ffn_up.weight"), [s.ffn, s.ffn])
     else:
         gate, up = w.linears(g, x, [f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"])
-    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-    g.op("Add", mid, w.linear(g, act, f"blk.{i}.ffn_down.weight"), outputs=[f"hidden.{i + 1}"])
+    if s.gemma:  # GELU, tanh approximation (com.microsoft FastGelu is that formula)
+        act = g.op("Mul", g.op("FastGelu", gate, domain="com.microsoft"), up)
+    else:
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+    down = w.linear(g, act, f"blk.{i}.ffn_down.weight")
+    if s.gemma:
+        down = rms_norm(g, down, w.vector(f"blk.{i}.post_ffw_norm.weight"), s.rms_eps)
+    g.op("Add", mid, down, outputs=[f"hidden.{i + 1}"])
     past = [B, s.kv_heads, P, s.head_dim]
     present = [B, s.kv_heads, T, s.head_dim]
-    inputs = [value(hidden, np.float32, [B, S, s.hidden]), *shared_values(s),
+    inputs = [value(hidden, np.float32, [B, S, s.hidden]), *shared_values(s, shared_names(s, i)),
               value(f"past.{i}.key", np.float32, past), value(f"past.{i}.value", np.float32, past)]
     outputs = [value(f"hidden.{i + 1}", np.float32, [B, S, s.hidden]),
                value(f"present.{i}.key", np.float32, present), value(f"present.{i}.value", np.float32, present)]
     return g.model(inputs, outputs)
 
 
-def shared_values(s: LlamaSettings) -> list[onnx.ValueInfoProto]:
+def shared_values(s: LlamaSettings, names: tuple[str, ...]) -> list[onnx.ValueInfoProto]:
     table = [B, 1, S, s.rotated]
-    return [value("rotary.cos", np.float32, table), value("rotary.sin", np.float32, table),
-            value("attention.allowed", np.bool_, [B, 1, "group_sequence", T])]
+    return [value(n, np.bool_, [B, 1, "group_sequence", T]) if n.startswith("attention.") else
+            value(n, np.float32, table) for n in names]
 
 
 def embeddings(w: Weights, s: LlamaSettings) -> onnx.ModelProto:
     g = GraphBuilder("embeddings")
-    g.op("Identity", w.lookup(g, "input_ids"), outputs=["hidden.0"])
+    rows = w.lookup(g, "input_ids")
+    if s.gemma:  # gemma scales the embeddings by sqrt(hidden), in float32
+        rows = g.op("Mul", rows, g.const(np.float32(np.sqrt(s.hidden)), "embed_scale"))
+    g.op("Identity", rows, outputs=["hidden.0"])
     rotary_tables(g, s)
+    if LOCAL[0] in shared_names(s):
+        rotary_tables(g, s, local=True)
     allowed_keys(g, s)
     inputs = [value("input_ids", np.int64, [B, S]), value("position_ids", np.int64, [B, S]),
               value("attention_mask", np.int64, [B, T])]
-    return g.model(inputs, [value("hidden.0", np.float32, [B, S, s.hidden]), *shared_values(s)])
+    return g.model(inputs, [value("hidden.0", np.float32, [B, S, s.hidden]), *shared_values(s, shared_names(s))])
 
 
 def head_part(w: Weights, s: LlamaSettings, j: int, splits: list[tuple[int, int]]) -> onnx.ModelProto:

@@ -16,11 +16,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
-def rotary(x: np.ndarray, positions: np.ndarray, s: LlamaSettings) -> np.ndarray:
+def rotary(x: np.ndarray, positions: np.ndarray, s: LlamaSettings, local: bool = False) -> np.ndarray:
     """x [H, S, D] at positions [S], rotate-half layout over the first s.rotated values of each head."""
     if s.rotated < x.shape[-1]:
-        return np.concatenate([rotary(x[..., :s.rotated], positions, s), x[..., s.rotated:]], -1)
-    angles = positions[:, None].astype(np.float32) * inverse_frequencies(s)  # [S, D/2]
+        return np.concatenate([rotary(x[..., :s.rotated], positions, s, local), x[..., s.rotated:]], -1)
+    angles = positions[:, None].astype(np.float32) * inverse_frequencies(s, local)  # [S, D/2]
     cos, sin = np.cos(np.concatenate([angles] * 2, -1)), np.sin(np.concatenate([angles] * 2, -1))
     half = x.shape[-1] // 2
     return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
@@ -41,26 +41,39 @@ def block(rows: Rows, i: int, s: LlamaSettings, x: np.ndarray) -> tuple[np.ndarr
     k = proj("k").reshape(seq, s.kv_heads, d).transpose(1, 0, 2)
     if s.qk_norm:
         q, k = rms_norm(q, rows(p + "attn_q_norm.weight"), s.rms_eps), rms_norm(k, rows(p + "attn_k_norm.weight"), s.rms_eps)
-    q, k = rotary(q, positions, s), rotary(k, positions, s)
+    q, k = rotary(q, positions, s, s.local(i)), rotary(k, positions, s, s.local(i))
     v = proj("v").reshape(seq, s.kv_heads, d).transpose(1, 0, 2)
     group = s.heads // s.kv_heads
     kk, vv = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)  # [H, S, D]
     scores = q @ kk.transpose(0, 2, 1) / np.sqrt(d)
-    scores = np.where(np.tril(np.ones((seq, seq), bool)), scores, -np.inf)
+    seen = np.tril(np.ones((seq, seq), bool))
+    if s.local(i):  # query i sees key j when i - j < window
+        seen &= np.subtract.outer(np.arange(seq), np.arange(seq)) < s.window
+    scores = np.where(seen, scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     context = (probs / probs.sum(-1, keepdims=True)) @ vv  # [H, S, D]
-    x = x + context.transpose(1, 0, 2).reshape(seq, -1) @ rows(p + "attn_output.weight").T
+    attended = context.transpose(1, 0, 2).reshape(seq, -1) @ rows(p + "attn_output.weight").T
+    if s.gemma:
+        attended = rms_norm(attended, rows(p + "post_attention_norm.weight"), s.rms_eps)
+    x = x + attended
     h = rms_norm(x, rows(p + "ffn_norm.weight"), s.rms_eps)
     if s.fused:
         gate, up = np.split(h @ rows(p + "ffn_up.weight").T, 2, axis=-1)
     else:
         gate, up = h @ rows(p + "ffn_gate.weight").T, h @ rows(p + "ffn_up.weight").T
-    return x + (gate / (1 + np.exp(-gate)) * up) @ rows(p + "ffn_down.weight").T, k, v
+    if s.gemma:  # GELU, tanh approximation
+        act = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)))
+    else:
+        act = gate / (1 + np.exp(-gate))
+    down = (act * up) @ rows(p + "ffn_down.weight").T
+    if s.gemma:
+        down = rms_norm(down, rows(p + "post_ffw_norm.weight"), s.rms_eps)
+    return x + down, k, v
 
 
 def logits(rows: Rows, s: LlamaSettings, ids: np.ndarray) -> np.ndarray:
     """The whole model on token ids [S]: logits [S, V]."""
-    x = rows("token_embd.weight")[ids]
+    x = rows("token_embd.weight")[ids] * (np.float32(np.sqrt(s.hidden)) if s.gemma else 1)
     for i in range(s.layers):
         x = block(rows, i, s, x)[0]
     head = rows("token_embd.weight" if s.tied_head else "output.weight")
