@@ -30,6 +30,7 @@ def llama3_divisors() -> tuple[float, ...]:
     return tuple((default / scaled.numpy().astype(np.float64)).tolist())
 
 
+PHI3_SHORT = tuple(np.linspace(1.0, 3.0, 8).tolist())  # phi3's rope_factors_short, one per frequency
 FAMILIES = {  # name -> (file, transformers' config overrides: what its GGUF loader does not read)
     "llama-q4_k_m": (lambda: TinyConfig(**K_QUANT[1]), {}),
     "qwen2-untied": (lambda: TinyConfig(arch="qwen2", tied=False), {}),
@@ -40,6 +41,10 @@ FAMILIES = {  # name -> (file, transformers' config overrides: what its GGUF loa
                                                  "partial_rotary_factor": 0.75}}),  # rope.dimension_count 12 of 16
     "gemma3-sliding": (lambda: TinyConfig(arch="gemma3", layers=6, window=4, rope_base=1e6, head_dim=16),
                        {"query_pre_attn_scalar": 16}),  # = head_dim, as llama.cpp scales (its GGUF has no key)
+    "phi3-longrope": (lambda: TinyConfig(arch="phi3", tied=False, longrope=PHI3_SHORT),
+                      {"pad_token_id": 0, "original_max_position_embeddings": 32, "rope_parameters": {
+                          "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": list(PHI3_SHORT),
+                          "long_factor": [2 * f for f in PHI3_SHORT], "original_max_position_embeddings": 32}}),
     "llama3-rope-freqs": (lambda: TinyConfig(rope_freqs=llama3_divisors()), {"rope_parameters": LLAMA3_ROPE}),
 }
 IDS = np.array([5, 17, 260, 99, 3, 42, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20])

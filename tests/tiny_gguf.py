@@ -32,6 +32,7 @@ class TinyConfig:
     rotary_dim: int | None = None  # rope.dimension_count (phi3's partial rotary)
     window: int | None = None  # attention.sliding_window (gemma3's local layers)
     rope_base: float = 10000.0
+    longrope: tuple[float, ...] = ()  # phi3's rope_factors_short (the long ones: twice these), original context 32
     rope_freqs: tuple[float, ...] = ()  # rope_freqs.weight: per-frequency divisors (Llama 3.x), head_dim / 2
 
     def type_of(self, suffix: str) -> str:
@@ -149,6 +150,9 @@ def write_tiny_gguf(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -
             add(p + "ffn_up.weight", up, m("ffn_up"))
         add(p + "ffn_down.weight", rng.standard_normal((cfg.hidden, cfg.ffn)) * gain, m("ffn_down"))
     add("output_norm.weight", 1 + 0.1 * rng.standard_normal(cfg.hidden), "F32")
+    if cfg.longrope:
+        add("rope_factors_short.weight", np.array(cfg.longrope), "F32")
+        add("rope_factors_long.weight", 2 * np.array(cfg.longrope), "F32")
     if cfg.rope_freqs:  # as llama.cpp writes Llama 3.1's: 1 for high frequencies, up to the factor for low
         add("rope_freqs.weight", np.array(cfg.rope_freqs), "F32")
     if not cfg.tied:
@@ -215,5 +219,8 @@ def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int) -> None:
     w.add_rope_freq_base(cfg.rope_base)
     if cfg.window:
         w.add_sliding_window(cfg.window)
+    if cfg.longrope:  # context 128 of an original 32: transformers' attention factor sqrt(1 + ln 4 / ln 32)
+        w.add_rope_scaling_orig_ctx_len(32)
+        w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(4) / np.log(32))))
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)

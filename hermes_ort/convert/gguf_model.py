@@ -63,6 +63,7 @@ class LlamaSettings:
     qk_norm: bool = False
     key_length: int | None = None  # head_dim when the file gives it (qwen3: 128 at hidden 1024 / 16 heads)
     rope_divisors: tuple[float, ...] = ()  # rope_freqs.weight: each frequency divided by its factor (Llama 3.x)
+    rope_attention_factor: float = 1.0  # longrope: cos and sin scaled by it (rope.scaling.attn_factor)
     fused: bool = False
     gemma: bool = False
     sliding_pattern: int = 0
@@ -145,7 +146,8 @@ class GGUFModel:
                                f"{s.kv_heads} KV heads, ffn {s.ffn}, head_dim {s.head_dim}, rotary dims {s.rotated}: "
                                f"every one must be positive, the rotary dims even and at most head_dim")
         for key, number in (("rope.freq_base", s.rope_base), ("attention.layer_norm_rms_epsilon", s.rms_eps),
-                            ("rope.scaling.factor", s.rope_linear_factor)):
+                            ("rope.scaling.factor", s.rope_linear_factor),
+                            ("rope.scaling.attn_factor", s.rope_attention_factor), ("context_length", s.context)):
             if not (np.isfinite(number) and number > 0):
                 raise ConvertError(f"{self.path}: metadata {a}.{key} is {number}: it must be a positive number")
         if (s.key_length is None and s.hidden % s.heads) or s.heads % s.kv_heads:
@@ -173,7 +175,8 @@ class GGUFModel:
         if not s.tied_head:
             want["output.weight"] = (s.vocab, s.hidden)
         if s.rope_divisors:
-            want["rope_freqs.weight"] = (d // 2,)
+            name = "rope_freqs.weight" if "rope_freqs.weight" in self.tensors else "rope_factors_short.weight"
+            want[name] = (s.rotated // 2,)
         for name, shape in want.items():
             got = tuple(int(n) for n in reversed(self._tensor(name).shape))  # GGUF lists in first
             if got != shape:
@@ -190,10 +193,19 @@ class GGUFModel:
         window = self.field(f"{a}.attention.sliding_window")  # full attention: a context past it would differ
         window_caps = None if self.arch.sliding_pattern else window  # gemma3: only its local layers slide
         embed = self._tensor("token_embd.weight")
+        context = need(f"{a}.context_length")
+        longrope = "rope_factors_short.weight" in self.tensors
+        if longrope:  # llama.cpp's choice for a context up to the original one: the short factors
+            original = int(self.field(f"{a}.rope.scaling.original_context_length", context))
+            scale = context / max(original, 1)
+            default = float(np.sqrt(1 + np.log(scale) / np.log(original))) if scale > 1 else 1.0
+            attention = float(self.field(f"{a}.rope.scaling.attn_factor", default))
+            context = original
         return LlamaSettings(
             architecture=a, layers=need(f"{a}.block_count"), hidden=hidden, heads=heads,
             kv_heads=self.field(f"{a}.attention.head_count_kv", heads), ffn=need(f"{a}.feed_forward_length"),
-            vocab=int(embed.shape[-1]), context=min(need(f"{a}.context_length"), window_caps or 1 << 62),
+            vocab=int(embed.shape[-1]), context=min(context, window_caps or 1 << 62),
+            rope_attention_factor=attention if longrope else 1.0,
             rope_base=float(self.field(f"{a}.rope.freq_base", 10000.0)),
             rms_eps=float(need(f"{a}.attention.layer_norm_rms_epsilon")),
             rope_linear_factor=float(self.field(f"{a}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
@@ -204,15 +216,14 @@ class GGUFModel:
             local_rope_base=self.arch.local_rope_base)
 
     def _rope_divisors(self) -> tuple[float, ...]:
-        longrope = [n for n in ("rope_factors_long.weight", "rope_factors_short.weight") if n in self.tensors]
-        if longrope:
-            raise ConvertError(f"{self.path}: longrope scaling ({', '.join(longrope)}) is not converted: phi3 files "
-                               f"without it (the 4k-context ones) are")
-        if "rope_freqs.weight" not in self.tensors:
+        """Each frequency's divisor: Llama 3's rope_freqs, or phi3's longrope short factors (its contexts up to
+        the original length; the long factors serve longer ones, which the conversion does not offer)."""
+        name = next((n for n in ("rope_freqs.weight", "rope_factors_short.weight") if n in self.tensors), None)
+        if name is None:
             return ()
         from gguf.quants import dequantize
 
-        t = self.tensors["rope_freqs.weight"]
+        t = self.tensors[name]
         return tuple(float(v) for v in dequantize(t.data, t.tensor_type).astype(np.float32).ravel())
 
     def _required(self, key: str):

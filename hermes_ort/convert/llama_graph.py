@@ -66,6 +66,11 @@ def rotary_tables(g: GraphBuilder, s: LlamaSettings, local: bool = False) -> Non
     freqs = g.op("Mul", positions, g.const(inverse_frequencies(s, local), "inv_freq"))  # [B, S, D/2]
     angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.ints(1))  # [B, 1, S, D]
     cos, sin, _ = LOCAL if local else SHARED
+    if s.rope_attention_factor != 1.0 and not local:  # longrope scales both tables
+        factor = g.const(np.float32(s.rope_attention_factor), "attention_factor")
+        g.op("Mul", g.op("Cos", angles), factor, outputs=[cos])
+        g.op("Mul", g.op("Sin", angles), factor, outputs=[sin])
+        return
     g.op("Cos", angles, outputs=[cos])
     g.op("Sin", angles, outputs=[sin])
 

@@ -22,6 +22,8 @@ def rotary(x: np.ndarray, positions: np.ndarray, s: LlamaSettings, local: bool =
         return np.concatenate([rotary(x[..., :s.rotated], positions, s, local), x[..., s.rotated:]], -1)
     angles = positions[:, None].astype(np.float32) * inverse_frequencies(s, local)  # [S, D/2]
     cos, sin = np.cos(np.concatenate([angles] * 2, -1)), np.sin(np.concatenate([angles] * 2, -1))
+    if not local:
+        cos, sin = cos * np.float32(s.rope_attention_factor), sin * np.float32(s.rope_attention_factor)
     half = x.shape[-1] // 2
     return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
 
