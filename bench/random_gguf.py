@@ -4,48 +4,39 @@ speed and memory can be measured on the file a user downloads, with no model hub
 
 Q4_K_M (llama.cpp's llama-quant.cpp): Q4_K matrices; Q6_K for the output (or a tied token_embd) and for
 attn_v and ffn_down in the first and last eighth of the layers and every third one between; a row length that
-is not a multiple of 256 falls back to Q5_0. Codes are uniform random, each block's fp16 scales of either sign
-and sized so the weights have a trained model's spread (std 0.02); norms are ones. The vocabulary is a
+is not a multiple of 256 falls back to Q5_0 (Q8_0 where Q6_K was due). Codes are uniform random, each
+block's fp16 scales of either sign and sized so the weights have a trained model's spread (std 0.02); norms
+are ones. The vocabulary is a
 SentencePiece one (<unk>, <s>, </s>, 256 byte tokens, then pieces), so llama.cpp loads the file.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int
-    context: int = 2048
-    rope_base: float = 10000.0
-    tied: bool = False
+from hermes_ort.convert.gguf_model import LlamaSettings
 
 
-SHAPES = {
-    "tinyllama-1.1b": Shape(22, 2048, 32, 4, 5632, 32000),
-    "smollm2-135m": Shape(30, 576, 9, 3, 1536, 49152, tied=True, rope_base=100000.0),
+SHAPES = {  # the settings hermes convert reads back from the file
+    "tinyllama-1.1b": LlamaSettings("llama", 22, 2048, 32, 4, 5632, 32000, 2048, 10000.0, 1e-5, tied_head=False),
+    "smollm2-135m": LlamaSettings("llama", 30, 576, 9, 3, 1536, 49152, 2048, 100000.0, 1e-5, tied_head=True),
 }
 SCALES = {"Q4_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,), "Q8_0": (0,)}  # byte offsets of each block's fp16 fields
 
 
-def q4_k_m_type(name: str, layer: int | None, layers: int, row: int) -> str:
+FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama.cpp's types for rows that are not a multiple of 256
+
+
+def q4_k_m_type(name: str, layer: int | None, layers: int, row: int, tied: bool) -> str:
     """The type llama.cpp's Q4_K_M gives a tensor (its use_more_bits rule for attn_v and ffn_down)."""
-    if row % 256:
-        return "Q5_0"
-    if name in ("output.weight",):
-        return "Q6_K"
-    if layer is not None and name.split(".")[-2] in ("attn_v", "ffn_down"):
+    kind = "Q4_K"
+    if name == "output.weight" or (name == "token_embd.weight" and tied):
+        kind = "Q6_K"
+    elif layer is not None and name.split(".")[-2] in ("attn_v", "ffn_down"):
         more = layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
-        return "Q6_K" if more else "Q4_K"
-    return "Q4_K"
+        kind = "Q6_K" if more else "Q4_K"
+    return FALLBACK[kind] if row % 256 else kind
 
 
 def random_blocks(rows: int, k: int, kind: str, rng, std: float = 0.02) -> np.ndarray:
@@ -76,7 +67,7 @@ def vocabulary(size: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [2, 3, 3] + [6] * 256 + [1] * (size - 259)
 
 
-def write(path: str, shape: Shape, seed: int = 0) -> dict[str, int]:
+def write(path: str, shape: LlamaSettings, seed: int = 0) -> dict[str, int]:
     """Writes the file; returns how many tensors took each type."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
@@ -90,7 +81,7 @@ def write(path: str, shape: Shape, seed: int = 0) -> dict[str, int]:
     w.add_head_count(shape.heads)
     w.add_head_count_kv(shape.kv_heads)
     w.add_rope_freq_base(shape.rope_base)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_layer_norm_rms_eps(shape.rms_eps)
     w.add_vocab_size(shape.vocab)
     tokens, scores, types = vocabulary(shape.vocab)
     w.add_tokenizer_model("llama")
@@ -102,8 +93,8 @@ def write(path: str, shape: Shape, seed: int = 0) -> dict[str, int]:
     w.add_unk_token_id(0)
     counts: dict[str, int] = {}
 
-    def add(name: str, rows: int, k: int, layer: int | None = None, kind: str | None = None) -> None:
-        kind = kind or q4_k_m_type(name, layer, shape.layers, k)
+    def add(name: str, rows: int, k: int, layer: int | None = None) -> None:
+        kind = q4_k_m_type(name, layer, shape.layers, k, shape.tied_head)
         counts[kind] = counts.get(kind, 0) + 1
         w.add_tensor(name, random_blocks(rows, k, kind, rng), raw_dtype=GGMLQuantizationType[kind])
 
@@ -112,7 +103,7 @@ def write(path: str, shape: Shape, seed: int = 0) -> dict[str, int]:
         w.add_tensor(name, np.ones(shape.hidden, np.float32))
 
     d = shape.hidden // shape.heads
-    add("token_embd.weight", shape.vocab, shape.hidden, kind="Q6_K" if shape.tied else "Q4_K")
+    add("token_embd.weight", shape.vocab, shape.hidden)
     for i in range(shape.layers):
         p = f"blk.{i}."
         ones(p + "attn_norm.weight")
@@ -125,7 +116,7 @@ def write(path: str, shape: Shape, seed: int = 0) -> dict[str, int]:
         add(p + "ffn_up.weight", shape.ffn, shape.hidden, i)
         add(p + "ffn_down.weight", shape.hidden, shape.ffn, i)
     ones("output_norm.weight")
-    if not shape.tied:
+    if not shape.tied_head:
         add("output.weight", shape.vocab, shape.hidden)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -143,3 +143,16 @@ def test_bench_generate_cold_every_token_reads_streamed_stages_from_storage(tmp_
     assert "read from disk per token" in out.stdout and "floor tokens/s" in out.stdout
     record = json.loads((tmp_path / "results" / "generate-cold.json").read_text())["records"][0]
     assert record["streamed"] > 0 and record["disk_bytes_per_s"] > 0 and record["read_per_token"] >= 0
+
+
+def test_random_gguf_lays_out_llama_cpp_q4_k_m():
+    """Q6_K for the output and for attn_v / ffn_down in the first and last eighth and every third layer
+    between; rows that are not a multiple of 256 fall back (Q4_K to Q5_0, Q6_K to Q8_0)."""
+    from bench.random_gguf import q4_k_m_type
+
+    assert q4_k_m_type("output.weight", None, 22, 2048, False) == "Q6_K"
+    assert q4_k_m_type("token_embd.weight", None, 22, 2048, False) == "Q4_K"
+    assert q4_k_m_type("token_embd.weight", None, 30, 576, True) == "Q8_0"
+    more = [i for i in range(22) if q4_k_m_type(f"blk.{i}.ffn_down.weight", i, 22, 5632, False) == "Q6_K"]
+    assert more == [0, 1, 4, 7, 10, 13, 16, 19, 20, 21]
+    assert q4_k_m_type("blk.3.attn_q.weight", 3, 22, 576, False) == "Q5_0"
