@@ -152,7 +152,7 @@ def add_convert(sub) -> None:
     conv.add_argument("gguf", help="the .gguf file")
     conv.add_argument("--out", required=True, help="model directory to write (replaced only once it checks out)")
     conv.add_argument("--precision", choices=["native", "fp32", "int8", "int4"], default="native",
-                      help="native keeps Q4_0/Q4_1/Q8_0 blocks as ORT's MatMulNBits (default); fp32 dequantizes; "
+                      help="native keeps every quantized type with an exact form (Q2_K-Q8_0, IQ4) as ORT's MatMulNBits (default); fp32 dequantizes; "
                       "int8/int4 re-quantize the fp32 conversion as hermes quantize does")
     conv.add_argument("--accuracy-level", type=int, choices=[0, 4], help="MatMulNBits arithmetic: 4 int8 "
                       "activations per 32-block, as llama.cpp computes (default for native), 0 float32, exact "
