@@ -147,13 +147,14 @@ def add_quantize(sub) -> None:
 
 
 def add_convert(sub) -> None:
-    conv = sub.add_parser("convert", help="a Llama-family GGUF file (llama, mistral, qwen2) to a model directory, "
-                          "no torch needed")
+    conv = sub.add_parser("convert", help="a GGUF file (llama, mistral, qwen2, qwen3, phi3, gemma3) to a model "
+                          "directory, no torch needed")
     conv.add_argument("gguf", help="the .gguf file")
     conv.add_argument("--out", required=True, help="model directory to write (replaced only once it checks out)")
     conv.add_argument("--precision", choices=["native", "fp32", "int8", "int4"], default="native",
-                      help="native keeps every quantized type with an exact form (Q2_K-Q8_0, IQ4) as ORT's MatMulNBits (default); fp32 dequantizes; "
-                      "int8/int4 re-quantize the fp32 conversion as hermes quantize does")
+                      help="native keeps every quantized type with an exact form (Q2_K-Q8_0, IQ4) on ORT's "
+                      "MatMulNBits (default); fp32 dequantizes; int8/int4 re-quantize the fp32 conversion as "
+                      "hermes quantize does")
     conv.add_argument("--accuracy-level", type=int, choices=[0, 4], help="MatMulNBits arithmetic: 4 int8 "
                       "activations per 32-block, as llama.cpp computes (default for native), 0 float32, exact "
                       "(default for int8/int4)")
