@@ -103,3 +103,21 @@ def test_an_engine_that_ignores_the_buffers_still_decodes_right(gpt2, bind_every
                 logits = decoder.step(tokens[-1])
     assert np.array_equal(np.stack(tokens, axis=1), want[:, 5:])
     assert not decoder.buffers.holding and not decoder.buffers.free
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "streamed"])
+def test_sliding_layers_bind_buffers_of_their_window(tmp_path, bind_every_size, resident):
+    """gemma3's sliding layers write presents of window - 1 positions while the global layer's grow: bound
+    buffers of both sizes rotate between them, and the tokens equal decoding with no buffers at all."""
+    from hermes_ort.convert import convert_gguf
+    from tiny_gguf import TinyConfig, write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "g.gguf", TinyConfig(arch="gemma3", layers=6, window=3, rope_base=1e6, head_dim=16))
+    directory = convert_gguf(tmp_path / "g.gguf", tmp_path / "model", "fp32").directory
+    prompt = np.array([[12, 200, 31, 260]])
+    with hermes_ort.InferenceSession(directory, plan_override=plan_of(
+            hermes_ort.format.manifest.load(directory), resident, False)) as session:
+        got = hermes_ort.generate(session, prompt, 12)
+    assert len(bind_every_size) == 2 * 6 * 12  # every present of every pass went to a kept buffer
+    cache_buffers.LARGE_ALLOCATION = 1 << 62  # nothing bound: ORT's own outputs
+    assert np.array_equal(got, hermes_ort.generate(directory, prompt, 12, memory_budget="1GiB"))

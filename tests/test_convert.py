@@ -292,3 +292,26 @@ def test_fuzzed_files_give_one_line_errors_or_checked_models(tmp_path):
             assert f"m{r['n']}.gguf" in errors[0] and not r["published"], r
         else:
             assert r["published"], r
+
+
+def test_gemma3_sliding_layers_keep_only_their_window(tmp_path):
+    """Five of every six gemma3 layers attend over the last `window` positions: their present keeps the
+    last window - 1 (the cache stays bounded as the context grows), the sixth keeps every position; the
+    generation layout counts them so, and decoding through those caches equals recomputing (the CASES
+    tests)."""
+    from hermes_ort.generation.decoding import CacheLayout
+
+    cfg = TinyConfig(arch="gemma3", layers=6, window=3, rope_base=1e6, head_dim=16)
+    write_tiny_gguf(tmp_path / "g.gguf", cfg)
+    result = convert_gguf(tmp_path / "g.gguf", tmp_path / "model", "fp32")
+    ids = np.array([[5, 17, 260, 99, 3, 42, 7]])
+    with hermes_ort.InferenceSession(result.directory) as session:
+        feed = {"input_ids": ids, "position_ids": np.arange(7)[None], "attention_mask": np.ones((1, 7), np.int64),
+                **{t.name: np.zeros((1, cfg.kv_heads, 0, 16), np.float32)
+                   for t in session.manifest.inputs if t.name.startswith("past.")}}
+        names = [o.name for o in session.get_outputs()]
+        out = dict(zip(names, session.run(None, feed)))
+    assert [out[f"present.{i}.key"].shape[2] for i in range(6)] == [2, 2, 2, 2, 2, 7]
+    layout = CacheLayout.of(result.manifest)
+    per_position = 2 * cfg.kv_heads * 16 * 4  # key and value, one layer
+    assert layout.bytes(1, 100) == per_position * (5 * 2 + 100)

@@ -150,6 +150,8 @@ class GGUFModel:
                             ("rope.scaling.attn_factor", s.rope_attention_factor), ("context_length", s.context)):
             if not (np.isfinite(number) and number > 0):
                 raise ConvertError(f"{self.path}: metadata {a}.{key} is {number}: it must be a positive number")
+        if s.sliding_pattern and s.window is not None and s.window < 2:
+            raise ConvertError(f"{self.path}: {a}.attention.sliding_window is {s.window}: at least 2 is needed")
         if (s.key_length is None and s.hidden % s.heads) or s.heads % s.kv_heads:
             raise ConvertError(f"{self.path}: {a}.attention.head_count {s.heads} does not divide "
                                f"{a}.embedding_length {s.hidden}, or {a}.attention.head_count_kv {s.kv_heads} "

@@ -118,8 +118,11 @@ def attention(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> 
     cos, sin, allowed = shared_names(s, i)
     q = rotate(g, q, cos, sin, d, s.rotated)  # [B, H, S, D]
     k = rotate(g, k, cos, sin, d, s.rotated)  # [B, KV, S, D]
-    key = g.op("Concat", f"past.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])  # [B, KV, T, D]
-    val = g.op("Concat", f"past.{i}.value", heads(g, v, kv, d), axis=2, outputs=[f"present.{i}.value"])
+    if s.local(i):  # a sliding layer keeps only its window's last window - 1 positions (see kept_cache)
+        key, val, allowed = kept_cache(g, s, i, k, heads(g, v, kv, d), allowed)
+    else:
+        key = g.op("Concat", f"past.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])  # [B, KV, T, D]
+        val = g.op("Concat", f"past.{i}.value", heads(g, v, kv, d), axis=2, outputs=[f"present.{i}.value"])
     # heads h = j*group + r share KV head j: queries as [B, KV, group*S, D], so no KV copy per head
     grouped = g.op("Reshape", q, g.ints(0, kv, -1, d))
     scores = g.op("Mul", g.op("MatMul", grouped, g.op("Transpose", key, perm=[0, 1, 3, 2])),
@@ -129,6 +132,20 @@ def attention(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> 
                    g.ints(0, s.heads, -1, d))  # [B, H, S, D]
     merged = g.op("Reshape", g.op("Transpose", context, perm=[0, 2, 1, 3]), g.ints(0, 0, s.heads * d))
     return w.linear(g, merged, f"blk.{i}.attn_output.weight")
+
+
+def kept_cache(g: GraphBuilder, s: LlamaSettings, i: int, k: str, v: str, allowed: str) -> tuple[str, str, str]:
+    """A sliding layer's keys and values: its past (at most window - 1 positions) and the new ones attend,
+    with the last columns of the local mask, and its present keeps the last window - 1: the next query
+    sees no further back, so the cache is bounded by the window, not the context."""
+    key = g.op("Concat", f"past.{i}.key", k, axis=2)
+    val = g.op("Concat", f"past.{i}.value", v, axis=2)
+    seen = g.op("Slice", g.op("Shape", key), g.ints(2), g.ints(3))  # [1]: past + new positions
+    allowed = g.op("Slice", allowed, g.op("Neg", seen), g.ints(np.iinfo(np.int64).max), g.ints(3))
+    keep, end, axis = g.ints(-(s.window - 1)), g.ints(np.iinfo(np.int64).max), g.ints(2)
+    g.op("Slice", key, keep, end, axis, outputs=[f"present.{i}.key"])
+    g.op("Slice", val, keep, end, axis, outputs=[f"present.{i}.value"])
+    return key, val, allowed
 
 
 def projections(g: GraphBuilder, w: Weights, x: str, i: int, s: LlamaSettings) -> list[str]:
@@ -166,7 +183,7 @@ def block(w: Weights, i: int, s: LlamaSettings) -> onnx.ModelProto:
         down = rms_norm(g, down, w.vector(f"blk.{i}.post_ffw_norm.weight"), s.rms_eps)
     g.op("Add", mid, down, outputs=[f"hidden.{i + 1}"])
     past = [B, s.kv_heads, P, s.head_dim]
-    present = [B, s.kv_heads, T, s.head_dim]
+    present = [B, s.kv_heads, "kept_sequence" if s.local(i) else T, s.head_dim]
     inputs = [value(hidden, np.float32, [B, S, s.hidden]), *shared_values(s, shared_names(s, i)),
               value(f"past.{i}.key", np.float32, past), value(f"past.{i}.value", np.float32, past)]
     outputs = [value(f"hidden.{i + 1}", np.float32, [B, S, s.hidden]),

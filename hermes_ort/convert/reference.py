@@ -70,6 +70,8 @@ def block(rows: Rows, i: int, s: LlamaSettings, x: np.ndarray) -> tuple[np.ndarr
     down = (act * up) @ rows(p + "ffn_down.weight").T
     if s.gemma:
         down = rms_norm(down, rows(p + "post_ffw_norm.weight"), s.rms_eps)
+    if s.local(i):  # what a sliding layer keeps for the next positions: the last window - 1
+        k, v = k[:, -(s.window - 1):], v[:, -(s.window - 1):]
     return x + down, k, v
 
 

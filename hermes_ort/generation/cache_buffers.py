@@ -37,6 +37,7 @@ class CacheBuffers:
     def __init__(self, layout: CacheLayout, capacity: int):
         self.capacity = capacity
         self.axis = {t.name: sequence_axis(t.shape) for t in layout.past}
+        self.layout = layout
         self.past_of = {present: past for past, present in layout.present_for.items()}
         self.holding: dict[str, np.ndarray] = {}  # past input name -> the buffer its tensor lies in
         self.lent: dict[str, np.ndarray] = {}  # present output name -> the buffer of the stage running now
@@ -55,11 +56,12 @@ class CacheBuffers:
             if past not in tensors:
                 continue
             shape = list(tensors[past].shape)
-            shape[axis] = self.total
+            shape[axis] = self.layout.length_of(past, self.total)
             elements, dtype = math.prod(shape), tensors[past].dtype
             if elements * dtype.itemsize < LARGE_ALLOCATION:
                 continue
-            self.lent[present] = self._take(elements, dtype)
+            most = self.layout.length_of(past, max(self.capacity, self.total))  # a sliding layer: its window
+            self.lent[present] = self._take(elements, dtype, elements // max(shape[axis], 1) * most)
             into[present] = self.lent[present][:elements].reshape(shape)
         return into
 
@@ -84,16 +86,15 @@ class CacheBuffers:
             else:
                 self.free.append(buffer)
 
-    def _take(self, elements: int, dtype: np.dtype) -> np.ndarray:
-        for k, buffer in enumerate(self.free):
-            if buffer.size >= elements and buffer.dtype == dtype:
-                return self.free.pop(k)
-        self.free = [b for b in self.free if b.size >= elements or b.dtype != dtype]  # outgrown: let go
-        return np.empty(max(elements, self._elements_at_capacity(elements)), dtype)
-
-    def _elements_at_capacity(self, elements: int) -> int:
-        """A buffer for this tensor at the generation's full length: elements scale with positions."""
-        return elements // max(self.total, 1) * max(self.capacity, self.total)
+    def _take(self, elements: int, dtype: np.dtype, at_capacity: int) -> np.ndarray:
+        """The smallest free buffer that fits (sliding layers' small ones go to sliding layers), else a new
+        one of at_capacity elements: this tensor at the generation's full length."""
+        fits = [k for k, b in enumerate(self.free) if b.size >= elements and b.dtype == dtype]
+        if fits:
+            return self.free.pop(min(fits, key=lambda k: self.free[k].size))
+        if not self.layout.kept:  # outgrown: let go (with sliding layers, small buffers still serve them)
+            self.free = [b for b in self.free if b.size >= elements or b.dtype != dtype]
+        return np.empty(max(elements, at_capacity), dtype)
 
 
 def sequence_axis(shape: tuple) -> int | None:

@@ -7,7 +7,7 @@ position ids count them (`cumsum(mask) - 1`, pads at 1), so each row gets the to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -28,6 +28,12 @@ class CacheLayout:
     present_for: dict[str, str]  # past input name -> present output name
     max_positions: int | None  # the model's position table, when the config states it
     vocab: int | None = None  # rows of the token table (the logits' width), when fixed
+    kept: dict[str, int] = field(default_factory=dict)  # past name -> the most positions its layer keeps
+
+    def length_of(self, past: str, total: int) -> int:
+        """Positions the cache of `past` holds at `total` positions: a sliding layer keeps its window's
+        last window - 1 (gemma3's local layers: the manifest's config local_layers / local_window)."""
+        return min(total, self.kept.get(past, total))
 
     @classmethod
     def of(cls, manifest: Manifest) -> "CacheLayout":
@@ -47,7 +53,10 @@ class CacheLayout:
             limits.append(config.get("sliding_window"))
         width = next(t.shape[-1] for t in manifest.outputs if t.name == "logits")
         vocab = width if isinstance(width, int) else config.get("vocab_size")  # GPT-2's head parts concatenate
-        return cls(past, present_for, min((n for n in limits if n), default=None), vocab)
+        window = config.get("local_window")
+        kept = {f"past.{i}.{kv}": window - 1 for i in config.get("local_layers") or () for kv in ("key", "value")
+                if window}
+        return cls(past, present_for, min((n for n in limits if n), default=None), vocab, kept)
 
     def empty(self, batch: int) -> dict[str, np.ndarray]:
         """A cache of length 0: [batch, heads, 0, head_dim] per past input."""
@@ -56,7 +65,7 @@ class CacheLayout:
 
     def bytes(self, batch: int, length: int) -> int:
         """The cache at `length` positions: batch x layers x 2 x heads x length x head_dim x itemsize."""
-        return sum(batch * length * int(np.prod([d for d in t.shape[1:] if isinstance(d, int)]))
+        return sum(batch * self.length_of(t.name, length) * int(np.prod([d for d in t.shape[1:] if isinstance(d, int)]))
                    * np.dtype(t.dtype).itemsize for t in self.past)
 
 
