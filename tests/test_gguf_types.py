@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
 
 from hermes_ort.convert.gguf_blocks import TYPES, repack
 from hermes_ort.convert.gguf_model import GGUFModel
@@ -166,19 +164,14 @@ def test_a_type_with_no_exact_form_is_dequantized_with_one_note(tmp_path, capsys
     fp32 reads every type gguf-py dequantizes."""
     from hermes_ort import __main__ as cli
     from hermes_ort.convert import convert_gguf
+    from hermes_ort.format import manifest
 
     cfg = TinyConfig(hidden=256, heads=4, kv_heads=2, ffn=512, matrix_type="Q4_K", types=(("ffn_up", "TQ2_0"),))
     write_tiny_gguf(tmp_path / "t.gguf", cfg)
     assert cli.main(["convert", str(tmp_path / "t.gguf"), "--out", str(tmp_path / "native")]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
     assert notes == ["note: TQ2_0 has no exact form on ORT's kernels: its tensors are dequantized to float32"]
-    forms = hermes_ort_manifest(tmp_path / "native").extra["tensor_forms"]
+    forms = manifest.load(tmp_path / "native").extra["tensor_forms"]
     assert forms["blk.0.ffn_up.weight"] == "TQ2_0 -> float32 (no exact form)"
     assert forms["blk.0.ffn_gate.weight"].startswith("Q4_K -> MatMulNBits 4-bit, block 32")
     assert convert_gguf(tmp_path / "t.gguf", tmp_path / "fp32", "fp32").max_diff <= 1e-4
-
-
-def hermes_ort_manifest(directory):
-    from hermes_ort.format import manifest
-
-    return manifest.load(directory)

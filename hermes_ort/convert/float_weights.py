@@ -10,7 +10,7 @@ from .onnx_builder import GraphBuilder
 
 class Float32Weights:
     int8_activations = False
-    notes: list[str] = []  # what a reader of the conversion should know (a type dequantized)
+    notes: tuple[str, ...] = ()  # what a reader of the conversion should know (a type dequantized)
 
     def __init__(self, model: GGUFModel):
         self.model = model
