@@ -1,0 +1,104 @@
+"""Rows that join and leave a running generation (continuous batching): each pass over the stages computes
+every active row, so every streamed block load serves every request in flight.
+
+The batch is left-padded: each row's cache is right-aligned on a shared width T (its attention_mask marks
+its real positions; position ids count each row's own tokens), which is what makes rows of different lengths
+share one step. A prompt is admitted through a prefill pass of its own (the running rows' caches are
+untouched by it) and then merged in: the narrower side is padded on the left with masked zeros. A row that
+leaves is dropped from every tensor between passes, and columns that no row uses any more are cut off the
+left, so T follows the longest row still running. A sliding layer's cache (CacheLayout.kept) is
+right-aligned too and is cut to its own length the same way.
+"""
+from __future__ import annotations
+
+from typing import Hashable
+
+import numpy as np
+
+from .cache_buffers import CacheBuffers
+from .decoding import CacheLayout, Engine, prompt_positions
+
+
+class ContinuousBatch:
+    """admit(key, prompt) -> the prompt's last logits; step({key: token}) -> {key: logits}; retire(key)."""
+
+    def __init__(self, engine: Engine, layout: CacheLayout, capacity: int):
+        self.engine, self.layout = engine, layout
+        self.keys: list[Hashable] = []  # row handles, in batch order
+        self.mask = np.zeros((0, 0), np.int64)  # [B, T]
+        self.past: dict[str, np.ndarray] = {}
+        self.buffers = CacheBuffers(layout, capacity)
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def admit(self, key: Hashable, prompt: np.ndarray) -> np.ndarray:
+        """Prefills the prompt ids [S] in a pass of its own and adds the row; returns its last logits [V]."""
+        if key in self.keys:
+            raise ValueError(f"row {key!r} is already in the batch")
+        ids = np.asarray(prompt, np.int64).reshape(1, -1)
+        mask = np.ones_like(ids)
+        out = self.engine.run({"input_ids": ids, "position_ids": prompt_positions(mask), "attention_mask": mask,
+                               **self.layout.empty(1)}, decoding=True)  # ORT's own outputs: the buffers hold the batch
+        past = {name: out[present] for name, present in self.layout.present_for.items()}
+        self._merge(key, mask, past)
+        return out["logits"][0, -1]
+
+    def step(self, tokens: dict[Hashable, int]) -> dict[Hashable, np.ndarray]:
+        """One pass: each row feeds its next token (every row of the batch must be given one)."""
+        if set(tokens) != set(self.keys):
+            raise ValueError(f"a step feeds every row of the batch: {sorted(map(str, self.keys))}")
+        feed_ids = np.array([[tokens[k]] for k in self.keys], np.int64)
+        positions = self.mask.sum(axis=1, keepdims=True)
+        self.mask = np.concatenate([self.mask, np.ones((len(self.keys), 1), np.int64)], axis=1)
+        feed = {"input_ids": feed_ids, "position_ids": positions, "attention_mask": self.mask, **self.past}
+        self.past = {}  # the feed holds the only reference: the chain frees each layer's past once used
+        self.buffers.begin(self.width)
+        out = self.engine.run(feed, decoding=True, sink=self.buffers)
+        self.past = {name: out[present] for name, present in self.layout.present_for.items()}
+        return dict(zip(self.keys, out["logits"][:, -1]))
+
+    def retire(self, key: Hashable) -> None:
+        """Drops the row (between passes) and the columns no row uses any more."""
+        keep = [k for k, other in enumerate(self.keys) if other != key]
+        self.keys = [self.keys[k] for k in keep]
+        self.mask = self.mask[keep]
+        self.past = {name: array[keep] for name, array in self.past.items()}
+        used = np.flatnonzero(self.mask.any(axis=0))
+        start = int(used[0]) if used.size else self.width
+        if start:
+            self.mask = self.mask[:, start:]
+            self.past = {name: np.ascontiguousarray(self._last(name, array, self.width))
+                         for name, array in self.past.items()}
+
+    def _merge(self, key: Hashable, mask: np.ndarray, past: dict[str, np.ndarray]) -> None:
+        if not self.keys:
+            self.keys, self.mask, self.past = [key], mask, past
+            return
+        width = max(self.width, mask.shape[1])
+        self.mask = np.concatenate([left_pad(self.mask, width, 1), left_pad(mask, width, 1)])
+        self.past = {name: np.concatenate([self._padded(name, self.past[name], width),
+                                           self._padded(name, past[name], width)])
+                     for name in self.past}
+        self.keys.append(key)
+
+    def _padded(self, name: str, array: np.ndarray, width: int) -> np.ndarray:
+        return left_pad(array, self.layout.length_of(name, width), self.layout_axis(name))
+
+    def _last(self, name: str, array: np.ndarray, width: int) -> np.ndarray:
+        axis, length = self.layout_axis(name), self.layout.length_of(name, width)
+        return np.take(array, np.arange(array.shape[axis] - length, array.shape[axis]), axis=axis)
+
+    def layout_axis(self, name: str) -> int:
+        return self.buffers.axis[name]
+
+
+def left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:
+    """Zeros before the array's entries along `axis` up to `length` (masked positions)."""
+    missing = length - array.shape[axis]
+    if missing <= 0:
+        return array
+    shape = list(array.shape)
+    shape[axis] = missing
+    return np.concatenate([np.zeros(shape, array.dtype), array], axis=axis)
