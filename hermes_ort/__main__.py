@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .commands import cmd_batched, cmd_cache, cmd_convert, cmd_generate, cmd_quantize, cmd_warm, print_generation_plan
+from .commands import cmd_batched, cmd_cache, cmd_convert, cmd_generate, cmd_quantize, cmd_serve, cmd_warm, print_generation_plan
 from .errors import HermesError
 from .format.manifest import weights_note
 from .engine.memory import format_bytes, parse_budget, peak_rss
@@ -159,6 +159,19 @@ def add_convert(sub) -> None:
                       "activations per 32-block, as llama.cpp computes (default for native), 0 float32, exact "
                       "(default for int8/int4)")
     conv.set_defaults(func=cmd_convert)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server (the serve extra): every pass over the "
+                           "streamed stages decodes every active request")
+    serve.add_argument("model_dir")
+    serve.add_argument("--budget", help="memory budget (bytes, 512MiB, 25%%); default: no limit")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--parallel", type=int, default=4, help="requests decoded together (clamped to what "
+                       "the budget holds at --context)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
+    serve.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (default: env HERMES_API_KEY)")
+    serve.add_argument("--context", type=int, help="positions of prompt + completion per request (default: "
+                       "the model's, at most 1024); each request's KV cache is reserved for its own")
+    serve.set_defaults(func=cmd_serve)
 
 
 def add_generate(sub, budget_help: str) -> None:

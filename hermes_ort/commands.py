@@ -217,3 +217,41 @@ def print_generation_plan(args, manifest) -> None:
     print(plan_text(p))
     print(f"predicted: {work.batch / p.predicted_steady_s:.1f} tokens/s (all rows) after the first step, "
           f"peak {format_bytes(p.predicted_peak_bytes)}")
+
+
+def cmd_serve(args) -> None:
+    """Plans for --parallel rows at --context, starts the engine thread, serves until SIGINT/SIGTERM."""
+    import os
+
+    try:
+        import uvicorn
+
+        from .serve.app import ServerConfig, build_app
+    except ImportError as e:
+        raise HermesError(f"hermes serve needs the serve extra ({e.name} is missing): "
+                          f"pip install 'hermes-ort[serve]'") from e
+    from .format import manifest as manifest_io
+    from .generation.decoding import CacheLayout
+    from .generation.tokenizer import Tokenizer
+    from .serve.scheduler import Scheduler
+    from .session import InferenceSession
+
+    budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
+    with InferenceSession(args.model_dir, memory_budget=budget) as session:
+        tokenizer = Tokenizer.from_dir(args.model_dir)
+        model_context = CacheLayout.of(session.manifest).max_positions or 1024
+        context = args.context or min(model_context, 1024)
+        if context > model_context:
+            raise HermesError(f"--context {context} exceeds the model's {model_context} positions")
+        scheduler = Scheduler(session, tokenizer, max(1, args.parallel), context, max(0, args.max_queue),
+                              say=lambda line: print(line, file=sys.stderr))
+        scheduler.start()
+        root = os.path.abspath(args.model_dir)
+        config = ServerConfig(os.path.basename(root.rstrip("/")), root, args.api_key or os.environ.get("HERMES_API_KEY"))
+        print(f"hermes serve: {config.model} on http://{args.host}:{args.port}/v1 ({scheduler.parallel} rows at "
+              f"{context} positions, queue {args.max_queue})", file=sys.stderr, flush=True)
+        try:
+            uvicorn.run(build_app(scheduler, config), host=args.host, port=args.port, log_level="warning",
+                        workers=1)
+        finally:
+            scheduler.stop()

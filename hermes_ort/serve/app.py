@@ -1,0 +1,195 @@
+"""The OpenAI wire of `hermes serve`: /v1/models, /v1/completions, /v1/chat/completions (streamed as SSE
+or not), /health; errors as OpenAI's error JSON. Requests become scheduler.Request objects; the engine
+thread's pieces come back through an asyncio queue."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import InputError
+from ..generation.sampling import Sampling
+from .scheduler import QueueFull, Request, Scheduler
+
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str  # the id /v1/models lists (the model directory's name)
+    root: str  # the model directory
+    api_key: str | None = None
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status,
+                        headers=headers)
+
+
+def sampling_of(body: dict) -> Sampling:
+    """OpenAI's fields (temperature 0: greedy) and the extra top_k, repetition_penalty."""
+    temperature = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
+    seed = body.get("seed")
+    return Sampling(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                    top_k=int(body.get("top_k") or 0), top_p=float(body.get("top_p") or 1.0),
+                    repetition_penalty=float(body.get("repetition_penalty") or 1.0),
+                    seed=None if seed is None else int(seed))
+
+
+def stops_of(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise InputError("stop must be a string or a list of strings")
+
+
+def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
+    tokenizer = scheduler.tokenizer
+
+    def authorized(request: HTTPRequest) -> bool:
+        return config.api_key is None or request.headers.get("authorization") == f"Bearer {config.api_key}"
+
+    async def health(request: HTTPRequest):
+        if scheduler.failed is not None:
+            return error(503, f"the engine failed: {scheduler.failed}", "server_error")
+        return JSONResponse({"status": "ok"}) if scheduler.ready.is_set() else error(503, "warming up", "server_error")
+
+    async def models(request: HTTPRequest):
+        if not authorized(request):
+            return error(401, "invalid or missing API key", "authentication_error")
+        return JSONResponse({"object": "list", "data": [
+            {"id": config.model, "object": "model", "created": 0, "owned_by": "hermes-ort", "root": config.root,
+             "max_model_len": scheduler.context}]})
+
+    async def completion(request: HTTPRequest, chat: bool):
+        if not authorized(request):
+            return error(401, "invalid or missing API key", "authentication_error")
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise InputError("the request body must be a JSON object")
+            prompt = prompt_ids(body, chat)
+            limit = body.get("max_completion_tokens", body.get("max_tokens"))
+            max_tokens = int(limit) if limit is not None else scheduler.context - len(prompt)
+            if max_tokens < 1:
+                raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
+            job = Request(prompt, max_tokens, sampling_of(body), stops_of(body), emit=lambda kind, value: None)
+        except (InputError, ValueError, TypeError) as e:
+            return error(400, str(e))
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        job.emit = lambda kind, value: loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+        try:
+            scheduler.submit(job)
+        except InputError as e:
+            return error(400, str(e))
+        except QueueFull as e:
+            return error(503, f"the server is busy: {e}", "server_error", {"Retry-After": str(RETRY_AFTER_S)})
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(sse(job, pieces, ident, chat, usage, len(prompt)),
+                                     media_type="text/event-stream")
+        return await whole(request, job, pieces, ident, chat, len(prompt))
+
+    def prompt_ids(body: dict, chat: bool) -> list[int]:
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+                raise InputError("messages must be a non-empty list of {role, content} objects")
+            text = tokenizer.apply_chat_template([{"role": m.get("role", "user"), "content": m["content"]}
+                                                  for m in messages])
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str) or not text:
+                raise InputError("prompt must be a non-empty string")
+        ids = tokenizer.encode_prompt(text)
+        if not ids:
+            raise InputError("the prompt encodes to no tokens")
+        return ids
+
+    async def whole(request: HTTPRequest, job: Request, pieces: asyncio.Queue, ident: str, chat: bool,
+                    prompt: int):
+        text, finish = [], None
+        try:
+            while finish is None:
+                try:
+                    kind, value = await asyncio.wait_for(pieces.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({})
+                    continue
+                if kind == "error":
+                    return error(500, str(value), "server_error")
+                if kind == "text":
+                    text.append(value)
+                else:
+                    finish = value
+        finally:
+            job.cancelled.set()  # no-op once finished: the row left the batch already
+        content = "".join(text)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
+                   "logprobs": None} if chat else
+                  {"index": 0, "text": content, "finish_reason": finish, "logprobs": None})
+        return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": config.model, "choices": [choice],
+                             "usage": usage_of(prompt, job.completion_tokens)})
+
+    async def sse(job: Request, pieces: asyncio.Queue, ident: str, chat: bool, usage: bool, prompt: int):
+        kind_name = "chat.completion.chunk" if chat else "text_completion"
+        created, started = int(time.time()), False
+
+        def chunk(delta_or_text, finish=None, choices=True) -> str:
+            choice = ({"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": None} if chat else
+                      {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": None})
+            return "data: " + json.dumps({"id": ident, "object": kind_name, "created": created,
+                                          "model": config.model, "choices": [choice] if choices else []}) + "\n\n"
+
+        try:
+            while True:
+                kind, value = await pieces.get()
+                if kind == "error":
+                    yield "data: " + json.dumps({"error": {"message": str(value), "type": "server_error"}}) + "\n\n"
+                    break
+                if kind == "text":
+                    if chat and not started:  # the role chunk, once a token exists
+                        yield chunk({"role": "assistant", "content": ""})
+                    started = True
+                    yield chunk({"content": value} if chat else value)
+                    continue
+                if chat and not started:
+                    yield chunk({"role": "assistant", "content": ""})
+                yield chunk({} if chat else "", finish=value)
+                if usage:
+                    payload = json.loads(chunk({} if chat else "")[len("data: "):])
+                    payload["choices"], payload["usage"] = [], usage_of(prompt, job.completion_tokens)
+                    yield "data: " + json.dumps(payload) + "\n\n"
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # a client gone mid-stream: its row leaves the batch at the next pass
+
+    async def chat_route(request: HTTPRequest):
+        return await completion(request, chat=True)
+
+    async def text_route(request: HTTPRequest):
+        return await completion(request, chat=False)
+
+    return Starlette(routes=[Route("/health", health), Route("/v1/models", models),
+                             Route("/v1/chat/completions", chat_route, methods=["POST"]),
+                             Route("/v1/completions", text_route, methods=["POST"])])
+
+
+def usage_of(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,187 @@
+"""The engine thread of `hermes serve`: one ContinuousBatch over one pipeline, so every pass over the streamed
+stages computes every active request.
+
+Admission by reservation: at startup the generation plan is made for `parallel` rows at the server's context
+(`plan_generation` counts their KV cache inside the budget); each request then reserves the cache of its
+prompt + max_tokens out of that pool and waits in a bounded queue while the pool cannot hold it. A request
+that is admitted can always finish; the budget is never passed for a new one.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import BudgetError, InputError
+from ..generation.continuous import ContinuousBatch
+from ..generation.decode_plan import Workload
+from ..generation.decoding import CacheLayout
+from ..generation.sampling import Chooser, Sampling
+from ..generation.text import RowText
+from ..generation.tokenizer import Tokenizer
+from ..session import InferenceSession
+
+
+class QueueFull(Exception):
+    """More requests wait than --max-queue allows: the caller answers 503."""
+
+
+@dataclass
+class Request:
+    """One completion: prompt ids, limits, sampling; `emit(kind, value)` receives ("text", str) pieces,
+    ("done", finish_reason) or ("error", message), from the engine thread."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    emit: Callable[[str, object], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    reserved: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Row:
+    request: Request
+    text: RowText
+    choose: Chooser
+    token: int = 0  # the token the next step feeds
+
+
+class Scheduler:
+    """Owns the session's engine on a thread of its own; submit() queues, cancel via request.cancelled."""
+
+    def __init__(self, session: InferenceSession, tokenizer: Tokenizer, parallel: int, context: int,
+                 max_queue: int, say: Callable[[str], None] = print):
+        self.session, self.tokenizer, self.context, self.max_queue = session, tokenizer, context, max_queue
+        self.layout = CacheLayout.of(session.manifest)
+        self.parallel, self.plan = self._fitting_plan(parallel, say)
+        self.pool = self.layout.bytes(self.parallel, context)  # the KV the plan holds room for
+        self.reserved = 0
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.ids = itertools.count()
+        self.thread = threading.Thread(target=self._run, name="hermes-serve-engine", daemon=True)
+        self.ready = threading.Event()
+        self.failed: BaseException | None = None
+
+    def _fitting_plan(self, parallel: int, say):
+        """The widest batch up to `parallel` the budget holds at the full context (one line if clamped)."""
+        for rows in range(parallel, 0, -1):
+            try:
+                plan = self.session.generation_plan(Workload(rows, 1, self.context))
+            except BudgetError as e:
+                if rows == 1:
+                    raise BudgetError(f"{e} (one request at a context of {self.context} positions)") from e
+                continue
+            if rows < parallel:
+                say(f"hermes serve: --parallel {parallel} clamped to {rows}: the budget holds the KV cache of "
+                    f"{rows} rows at {self.context} positions")
+            return rows, plan
+        raise AssertionError("unreachable")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify_all()
+        self.thread.join(timeout=60)
+
+    def reservation(self, prompt: int, max_tokens: int) -> int:
+        return self.layout.bytes(1, prompt + max_tokens)
+
+    def submit(self, request: Request) -> None:
+        if len(request.prompt) + request.max_tokens > self.context:
+            raise InputError(f"this server's context is {self.context} tokens: the prompt has {len(request.prompt)}"
+                             f" and max_tokens is {request.max_tokens}")
+        request.reserved = self.reservation(len(request.prompt), request.max_tokens)
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(request)
+            self.wake.notify_all()
+
+    def _run(self) -> None:
+        try:
+            with self.session.engine(self.plan) as engine:
+                self.ready.set()
+                self._serve(ContinuousBatch(engine, self.layout, self.context))
+        except BaseException as e:  # every waiting and running request hears of it
+            self.failed = e
+            self.ready.set()
+            for request in list(self.waiting):
+                request.emit("error", str(e))
+
+    def _serve(self, batch: ContinuousBatch) -> None:
+        rows: dict[int, Row] = {}
+        eos = self.tokenizer.eos_token_ids
+        while True:
+            with self.wake:
+                while not self.stopping and not rows and not self.waiting:
+                    self.wake.wait()
+                if self.stopping:
+                    for row in rows.values():
+                        row.request.emit("error", "the server is shutting down")
+                    return
+                admitted = self._admit(len(rows))
+            for request in admitted:  # its prefill is a pass of its own; the running rows wait one pass
+                key = next(self.ids)
+                logits = batch.admit(key, np.array(request.prompt))
+                prompt = np.array([request.prompt])
+                rows[key] = Row(request, RowText(self.tokenizer, request.stop),
+                                Chooser(request.sampling, prompt, np.ones_like(prompt), logits.shape[-1]))
+                self._advance(batch, rows, key, logits, eos)
+            if rows:
+                for key, logits in batch.step({k: r.token for k, r in rows.items()}).items():
+                    self._advance(batch, rows, key, logits, eos)
+
+    def _admit(self, running: int) -> list[Request]:
+        """Requests that fit the pool now, in arrival order (a request that does not fit waits, and so do
+        the ones behind it: no starving the large)."""
+        out = []
+        while self.waiting and running + len(out) < self.parallel:
+            request = self.waiting[0]
+            if request.cancelled.is_set():
+                self.waiting.popleft()
+                continue
+            if self.reserved + request.reserved > self.pool:
+                break
+            self.waiting.popleft()
+            self.reserved += request.reserved
+            out.append(request)
+        return out
+
+    def _advance(self, batch: ContinuousBatch, rows: dict[int, Row], key: int, logits: np.ndarray,
+                 eos: list[int]) -> None:
+        """Chooses the row's next token, emits its stable text, retires it at its stop."""
+        row = rows[key]
+        request = row.request
+        if request.cancelled.is_set():
+            return self._retire(batch, rows, key)
+        token = int(row.choose(logits[None])[0])
+        request.completion_tokens += 1
+        piece = row.text.add(token, eos)
+        if piece:
+            request.emit("text", piece)
+        stopped = row.text.finished  # an end-of-sequence token or a stop string
+        if stopped or request.completion_tokens >= request.max_tokens:
+            tail = row.text.flush()
+            if tail:
+                request.emit("text", tail)
+            request.emit("done", "stop" if stopped else "length")
+            return self._retire(batch, rows, key)
+        row.token = token
+
+    def _retire(self, batch: ContinuousBatch, rows: dict[int, Row], key: int) -> None:
+        batch.retire(key)
+        with self.wake:
+            self.reserved -= rows.pop(key).request.reserved
+            self.wake.notify_all()

@@ -1,0 +1,159 @@
+"""hermes serve against the openai client: a live server on 127.0.0.1 (an ephemeral port), started and
+stopped by the fixture, every request bounded in count and time."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client tests hermes serve: pip install openai")
+pytest.importorskip("uvicorn", reason="hermes serve needs the serve extra: pip install 'hermes-ort[serve]'")
+httpx = pytest.importorskip("httpx")
+
+import hermes_ort
+from hermes_ort.convert import convert_gguf
+
+from tiny_gguf import write_tiny_gguf
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    write_tiny_gguf(root / "tiny.gguf")
+    return convert_gguf(root / "tiny.gguf", root / "tiny", "fp32").directory
+
+
+def start(model, *extra: str):
+    port = free_port()
+    env = {**os.environ, "HERMES_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "hermes_ort", "serve", str(model), "--port", str(port), *extra],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("hermes serve did not become healthy in 90 s")
+
+
+def stop(proc) -> str:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    proc, port = start(model, "--parallel", "4")
+    yield port
+    stop(proc)
+
+
+def client(port: int, key: str = KEY):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def solo_text(model, prompt: str, n: int, **options) -> str:
+    """The same request decoded alone, through the library's own text API."""
+    generator = hermes_ort.TextGenerator(model, memory_budget="1GiB")
+    try:
+        return generator(prompt, n, **options)
+    finally:
+        generator.close()
+
+
+def test_models_list_the_directory(server, model):
+    listed = client(server).models.list().data
+    assert [m.id for m in listed] == ["tiny"]
+    assert listed[0].root == str(model) and listed[0].max_model_len == 128
+
+
+def test_text_completion_is_the_greedy_decode(server, model):
+    reply = client(server).completions.create(model="tiny", prompt="the cat in the hat", max_tokens=12,
+                                              temperature=0)
+    assert reply.choices[0].text == solo_text(model, "the cat in the hat", 12)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens == len(
+        hermes_ort.Tokenizer.from_dir(model).encode_prompt("the cat in the hat"))
+
+
+def test_streamed_chat_equals_the_whole_reply_and_follows_the_wire(server):
+    c = client(server)
+    messages = [{"role": "user", "content": "hi there"}]
+    whole = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    finish = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].delta.content is None
+    assert finish[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_concurrent_requests_each_equal_their_solo_decode(server, model):
+    prompts = ["the cat", "in the hat the", "a", "the the the cat in"]
+    c = client(server)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda p: c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0),
+                                prompts))
+    for prompt, reply in zip(prompts, replies):
+        assert reply.choices[0].text == solo_text(model, prompt, 16), prompt
+
+
+def test_stop_strings_and_bad_requests(server, model):
+    c = client(server)
+    full = solo_text(model, "the cat", 20)
+    stop = full[3:5]
+    reply = c.completions.create(model="tiny", prompt="the cat", max_tokens=20, temperature=0, stop=[stop])
+    assert reply.choices[0].text == solo_text(model, "the cat", 20, stop=[stop]) == full[:full.find(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="context is 128"):
+        c.completions.create(model="tiny", prompt="the cat", max_tokens=500)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        c.chat.completions.create(model="tiny", messages=[])
+
+
+def test_a_wrong_key_is_401(server):
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong").models.list()
+
+
+def test_a_full_queue_is_503_with_retry_after(model):
+    proc, port = start(model, "--parallel", "1", "--max-queue", "1")
+    try:
+        def ask(_):
+            try:
+                client(port).completions.create(model="tiny", prompt="the cat", max_tokens=100, temperature=0)
+                return 200
+            except openai.APIStatusError as e:
+                return (e.status_code, e.response.headers.get("retry-after"))
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(ask, range(6)))
+        assert 200 in codes and (503, "1") in codes, codes
+    finally:
+        stop(proc)
