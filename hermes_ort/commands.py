@@ -227,6 +227,7 @@ def cmd_serve(args) -> None:
         import uvicorn
 
         from .serve.app import ServerConfig, build_app
+        Draining = draining_server()
     except ImportError as e:
         raise HermesError(f"hermes serve needs the serve extra ({e.name} is missing): "
                           f"pip install 'hermes-ort[serve]'") from e
@@ -250,8 +251,33 @@ def cmd_serve(args) -> None:
         config = ServerConfig(os.path.basename(root.rstrip("/")), root, args.api_key or os.environ.get("HERMES_API_KEY"))
         print(f"hermes serve: {config.model} on http://{args.host}:{args.port}/v1 ({scheduler.parallel} rows at "
               f"{context} positions, queue {args.max_queue})", file=sys.stderr, flush=True)
+        server = Draining(uvicorn.Config(build_app(scheduler, config), host=args.host, port=args.port,
+                                         log_level="warning", workers=1))
         try:
-            uvicorn.run(build_app(scheduler, config), host=args.host, port=args.port, log_level="warning",
-                        workers=1)
+            server.run()
         finally:
             scheduler.stop()
+
+
+def draining_server():
+    """uvicorn's Server, stopped by SIGINT / SIGTERM as a drain: no new connections, the open ones finish,
+    then a clean exit (uvicorn's own handlers re-raise the signal after shutdown, exiting -15)."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Draining(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            def stop(signum, frame):
+                self.should_exit = True
+
+            previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Draining

@@ -157,3 +157,42 @@ def test_a_full_queue_is_503_with_retry_after(model):
         assert 200 in codes and (503, "1") in codes, codes
     finally:
         stop(proc)
+
+
+def metrics(port: int) -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("hermes_")}
+
+
+def test_a_client_gone_mid_stream_frees_its_row(server):
+    with httpx.stream("POST", f"http://127.0.0.1:{server}/v1/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "prompt": "the cat", "max_tokens": 100, "temperature": 0.8, "seed": 1,
+                            "stream": True}) as response:
+        next(response.iter_lines())  # one chunk, then the client hangs up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (metrics(server)["hermes_running_rows"] or
+                                           metrics(server)["hermes_kv_reserved_bytes"]):
+        time.sleep(0.05)
+    seen = metrics(server)
+    assert seen["hermes_running_rows"] == 0 and seen["hermes_kv_reserved_bytes"] == 0
+
+
+def test_many_short_requests_leave_no_growth(server):
+    """500 requests (bounded: 120 s): the process peak after the first 100 does not grow past a few MiB."""
+    c = client(server)
+    deadline = time.monotonic() + 120
+    ask = lambda n: c.completions.create(model="tiny", prompt="the cat", max_tokens=2, temperature=0)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(ask, range(100)))
+        warm = metrics(server)["hermes_peak_rss_bytes"]
+        list(pool.map(ask, range(400)))
+    assert time.monotonic() < deadline
+    assert metrics(server)["hermes_peak_rss_bytes"] - warm < 8 << 20
+
+
+def test_sigterm_drains_and_exits_0(model):
+    proc, port = start(model)
+    assert client(port).completions.create(model="tiny", prompt="a", max_tokens=3, temperature=0).choices
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()

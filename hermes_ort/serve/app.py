@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import InputError
@@ -180,13 +180,19 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         finally:
             job.cancelled.set()  # a client gone mid-stream: its row leaves the batch at the next pass
 
+    async def metrics(request: HTTPRequest):
+        if not authorized(request):
+            return error(401, "invalid or missing API key", "authentication_error")
+        lines = [f"hermes_{name} {value}" for name, value in scheduler.metrics().items()]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
     async def chat_route(request: HTTPRequest):
         return await completion(request, chat=True)
 
     async def text_route(request: HTTPRequest):
         return await completion(request, chat=False)
 
-    return Starlette(routes=[Route("/health", health), Route("/v1/models", models),
+    return Starlette(routes=[Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models),
                              Route("/v1/chat/completions", chat_route, methods=["POST"]),
                              Route("/v1/completions", text_route, methods=["POST"])])
 

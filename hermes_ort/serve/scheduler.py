@@ -70,6 +70,9 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="hermes-serve-engine", daemon=True)
         self.ready = threading.Event()
         self.failed: BaseException | None = None
+        self.running = 0  # rows in the batch now
+        self.requests_total = 0
+        self.tokens_total = 0
 
     def _fitting_plan(self, parallel: int, say):
         """The widest batch up to `parallel` the budget holds at the full context (one line if clamped)."""
@@ -104,6 +107,7 @@ class Scheduler:
                              f" and max_tokens is {request.max_tokens}")
         request.reserved = self.reservation(len(request.prompt), request.max_tokens)
         with self.wake:
+            self.requests_total += 1
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
             self.waiting.append(request)
@@ -139,6 +143,7 @@ class Scheduler:
                 rows[key] = Row(request, RowText(self.tokenizer, request.stop),
                                 Chooser(request.sampling, prompt, np.ones_like(prompt), logits.shape[-1]))
                 self._advance(batch, rows, key, logits, eos)
+            self.running = len(rows)
             if rows:
                 for key, logits in batch.step({k: r.token for k, r in rows.items()}).items():
                     self._advance(batch, rows, key, logits, eos)
@@ -168,6 +173,7 @@ class Scheduler:
             return self._retire(batch, rows, key)
         token = int(row.choose(logits[None])[0])
         request.completion_tokens += 1
+        self.tokens_total += 1
         piece = row.text.add(token, eos)
         if piece:
             request.emit("text", piece)
@@ -176,12 +182,22 @@ class Scheduler:
             tail = row.text.flush()
             if tail:
                 request.emit("text", tail)
-            request.emit("done", "stop" if stopped else "length")
-            return self._retire(batch, rows, key)
+            self._retire(batch, rows, key)  # first: a client told "done" finds its reservation back
+            return request.emit("done", "stop" if stopped else "length")
         row.token = token
 
     def _retire(self, batch: ContinuousBatch, rows: dict[int, Row], key: int) -> None:
         batch.retire(key)
         with self.wake:
             self.reserved -= rows.pop(key).request.reserved
+            self.running = len(rows)
             self.wake.notify_all()
+
+    def metrics(self) -> dict[str, float]:
+        """What /metrics reports (Prometheus names without the hermes_ prefix)."""
+        from ..engine.memory import peak_rss
+
+        return {"requests_total": self.requests_total, "generated_tokens_total": self.tokens_total,
+                "queue_length": len(self.waiting), "running_rows": self.running,
+                "kv_reserved_bytes": self.reserved, "kv_pool_bytes": self.pool,
+                "budget_bytes": self.session.budget or 0, "peak_rss_bytes": peak_rss()}
