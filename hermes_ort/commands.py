@@ -239,7 +239,8 @@ def cmd_serve(args) -> None:
 
     budget = parse_budget(args.budget, manifest_io.load(args.model_dir).bytes) if args.budget else None
     with InferenceSession(args.model_dir, memory_budget=budget) as session:
-        tokenizer = Tokenizer.from_dir(args.model_dir)
+        has_tokenizer = (Path(args.model_dir) / "tokenizer.json").is_file()
+        tokenizer = Tokenizer.from_dir(args.model_dir) if has_tokenizer else None  # else token-id prompts only
         model_context = CacheLayout.of(session.manifest).max_positions or 1024
         context = args.context or min(model_context, 1024)
         if context > model_context:
@@ -248,7 +249,8 @@ def cmd_serve(args) -> None:
                               say=lambda line: print(line, file=sys.stderr))
         scheduler.start()
         root = os.path.abspath(args.model_dir)
-        config = ServerConfig(os.path.basename(root.rstrip("/")), root, args.api_key or os.environ.get("HERMES_API_KEY"))
+        config = ServerConfig(os.path.basename(root.rstrip("/")), root,
+                              args.api_key or os.environ.get("HERMES_API_KEY") or None)
         print(f"hermes serve: {config.model} on http://{args.host}:{args.port}/v1 ({scheduler.parallel} rows at "
               f"{context} positions, queue {args.max_queue})", file=sys.stderr, flush=True)
         server = Draining(uvicorn.Config(build_app(scheduler, config), host=args.host, port=args.port,

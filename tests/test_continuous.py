@@ -39,21 +39,31 @@ def last_logits(session, ids: list[int]) -> np.ndarray:
     return session.run(["logits"], feed)[0][0, -1]
 
 
-def test_rows_that_join_and_leave_decode_as_they_would_alone(model):
+@pytest.mark.parametrize("ride", [False, True], ids=["own-prefill", "riding-the-step"])
+def test_rows_that_join_and_leave_decode_as_they_would_alone(model, ride):
     with hermes_ort.InferenceSession(model, memory_budget="1GiB") as session:
         layout = CacheLayout.of(session.manifest)
         plan = session.generation_plan(Workload(4, 8, 24))
         with session.engine(plan) as engine:
             batch = ContinuousBatch(engine, layout, capacity=24)
+            if ride and not batch.can_ride:
+                pytest.skip("sliding-window layers: prompts are admitted through their own prefill")
             got: dict[int, list[int]] = {}
             seen: dict[int, list[np.ndarray]] = {}  # the logits each token was chosen from
             logits: dict[int, np.ndarray] = {}
             widths = []
+            joining: dict[int, np.ndarray] = {}
             for t in range(20):
                 for row, (start, prompt, _) in enumerate(SCHEDULE):
                     if start == t:
-                        logits[row] = batch.admit(row, np.array(prompt))
                         got[row], seen[row] = [], []
+                        if ride:
+                            joining[row] = np.array(prompt)
+                        else:
+                            logits[row] = batch.admit(row, np.array(prompt))
+                if joining and not batch.keys:  # nothing running: the prompts make the pass alone
+                    logits = batch.step({}, joining)
+                    joining = {}
                 for row in list(batch.keys):
                     got[row].append(int(logits[row].argmax()))
                     seen[row].append(logits[row])
@@ -63,7 +73,8 @@ def test_rows_that_join_and_leave_decode_as_they_would_alone(model):
                 if not batch.keys:
                     break
                 widths.append(batch.width)
-                logits = batch.step({row: got[row][-1] for row in batch.keys})
+                logits = batch.step({row: got[row][-1] for row in batch.keys}, joining)
+                joining = {}
         for row, (_, prompt, n) in enumerate(SCHEDULE):  # every step's logits: the whole sequence recomputed
             for j in range(n):
                 want = last_logits(session, prompt + got[row][:j])

@@ -3,8 +3,10 @@ every active row, so every streamed block load serves every request in flight.
 
 The batch is left-padded: each row's cache is right-aligned on a shared width T (its attention_mask marks
 its real positions; position ids count each row's own tokens), which is what makes rows of different lengths
-share one step. A prompt is admitted through a prefill pass of its own (the running rows' caches are
-untouched by it) and then merged in: the narrower side is padded on the left with masked zeros. A row that
+share one step. A prompt joins by riding a step's pass (step(joining=...): its whole prompt beside the
+running rows' one token each, their extra positions masked, so an arrival costs no extra weight stream), or,
+with sliding-window layers whose windows count columns, through a prefill pass of its own (admit()) merged in
+after: the narrower side padded on the left with masked zeros. A row that
 leaves is dropped from every tensor between passes, and columns that no row uses any more are cut off the
 left, so T follows the longest row still running. A sliding layer's cache (CacheLayout.kept) is
 right-aligned too and is cut to its own length the same way.
@@ -45,14 +47,41 @@ class ContinuousBatch:
         self._merge(key, mask, past)
         return out["logits"][0, -1]
 
-    def step(self, tokens: dict[Hashable, int]) -> dict[Hashable, np.ndarray]:
-        """One pass: each row feeds its next token (every row of the batch must be given one)."""
+    @property
+    def can_ride(self) -> bool:
+        """Prompts may join a step's pass: not with sliding layers, whose window counts columns."""
+        return not self.layout.kept
+
+    def step(self, tokens: dict[Hashable, int], joining: dict[Hashable, np.ndarray] | None = None
+             ) -> dict[Hashable, np.ndarray]:
+        """One pass: each row feeds its next token (every row of the batch must be given one), and each
+        joining prompt rides the same pass (its whole prompt; the running rows' new positions before their
+        token are masked), so an arrival costs no pass of its own. Returns every row's last logits."""
+        joining = dict(joining or {})
         if set(tokens) != set(self.keys):
             raise ValueError(f"a step feeds every row of the batch: {sorted(map(str, self.keys))}")
-        feed_ids = np.array([[tokens[k]] for k in self.keys], np.int64)
-        positions = self.mask.sum(axis=1, keepdims=True)
-        self.mask = np.concatenate([self.mask, np.ones((len(self.keys), 1), np.int64)], axis=1)
-        feed = {"input_ids": feed_ids, "position_ids": positions, "attention_mask": self.mask, **self.past}
+        if joining and not self.can_ride:
+            raise ValueError("prompts cannot ride a step with sliding-window layers: admit() them")
+        if any(key in self.keys for key in joining):
+            raise ValueError("a joining row is already in the batch")
+        prompts = [np.asarray(p, np.int64).ravel() for p in joining.values()]
+        width = max([1] + [p.size for p in prompts])
+        rows = len(self.keys) + len(prompts)
+        ids, new_mask = np.zeros((rows, width), np.int64), np.zeros((rows, width), np.int64)
+        positions = np.ones((rows, width), np.int64)
+        for r, key in enumerate(self.keys):
+            ids[r, -1], new_mask[r, -1], positions[r, -1] = tokens[key], 1, self.mask[r].sum()
+        for j, prompt in enumerate(prompts):
+            r = len(self.keys) + j
+            ids[r, width - prompt.size:], new_mask[r, width - prompt.size:] = prompt, 1
+            positions[r, width - prompt.size:] = np.arange(prompt.size)
+        if prompts:
+            self.mask = np.concatenate([self.mask, np.zeros((len(prompts), self.width), np.int64)])
+            self.past = {name: np.concatenate([array, np.zeros((len(prompts), *array.shape[1:]), array.dtype)])
+                         for name, array in self.past.items()} if self.keys else self.layout.empty(len(prompts))
+            self.keys = self.keys + list(joining)
+        self.mask = np.concatenate([self.mask, new_mask], axis=1)
+        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": self.mask, **self.past}
         self.past = {}  # the feed holds the only reference: the chain frees each layer's past once used
         self.buffers.begin(self.width)
         out = self.engine.run(feed, decoding=True, sink=self.buffers)

@@ -103,6 +103,15 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         return await whole(request, job, pieces, ident, chat, len(prompt))
 
     def prompt_ids(body: dict, chat: bool) -> list[int]:
+        raw = body.get("prompt")
+        if not chat and isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in raw):
+            vocab = scheduler.layout.vocab
+            if vocab and not all(0 <= t < vocab for t in raw):
+                raise InputError(f"prompt token ids must lie in [0, {vocab})")
+            return list(raw)  # OpenAI's token-id prompt
+        if tokenizer is None:
+            raise InputError(f"{config.root} has no tokenizer.json: send the prompt as a list of token ids")
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages or not all(
@@ -113,7 +122,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         else:
             text = body.get("prompt")
             if not isinstance(text, str) or not text:
-                raise InputError("prompt must be a non-empty string")
+                raise InputError("prompt must be a non-empty string or a list of token ids")
         ids = tokenizer.encode_prompt(text)
         if not ids:
             raise InputError("the prompt encodes to no tokens")

@@ -2,7 +2,8 @@
 stages computes every active request.
 
 Admission by reservation: at startup the generation plan is made for `parallel` rows at the server's context
-(`plan_generation` counts their KV cache inside the budget); each request then reserves the cache of its
+(`plan_generation` counts their KV cache, and a pass of that many rows over a whole context, inside the
+budget); each request then reserves the cache of its
 prompt + max_tokens out of that pool and waits in a bounded queue while the pool cannot hold it. A request
 that is admitted can always finish; the budget is never passed for a new one.
 """
@@ -24,6 +25,18 @@ from ..generation.sampling import Chooser, Sampling
 from ..generation.text import RowText
 from ..generation.tokenizer import Tokenizer
 from ..session import InferenceSession
+
+
+class TokenCount:
+    """RowText's part for a model directory without a tokenizer (token-id prompts): no text, no stops."""
+
+    finished = False
+
+    def add(self, token: int, eos) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
 
 
 class QueueFull(Exception):
@@ -49,14 +62,14 @@ class Request:
 class Row:
     request: Request
     text: RowText
-    choose: Chooser
+    choose: Chooser | None = None  # made at the row's first logits (their width is the vocabulary)
     token: int = 0  # the token the next step feeds
 
 
 class Scheduler:
     """Owns the session's engine on a thread of its own; submit() queues, cancel via request.cancelled."""
 
-    def __init__(self, session: InferenceSession, tokenizer: Tokenizer, parallel: int, context: int,
+    def __init__(self, session: InferenceSession, tokenizer: Tokenizer | None, parallel: int, context: int,
                  max_queue: int, say: Callable[[str], None] = print):
         self.session, self.tokenizer, self.context, self.max_queue = session, tokenizer, context, max_queue
         self.layout = CacheLayout.of(session.manifest)
@@ -71,6 +84,9 @@ class Scheduler:
         self.ready = threading.Event()
         self.failed: BaseException | None = None
         self.running = 0  # rows in the batch now
+        self.passes = 0  # runs over the stages (a prefill, a step)
+        self.streamed_per_pass = sum(st.bytes for st in session.manifest.stages  # a table is looked up, not read
+                                     if st.name not in self.plan.resident and st.kind != "embeddings")
         self.requests_total = 0
         self.tokens_total = 0
 
@@ -78,7 +94,7 @@ class Scheduler:
         """The widest batch up to `parallel` the budget holds at the full context (one line if clamped)."""
         for rows in range(parallel, 0, -1):
             try:
-                plan = self.session.generation_plan(Workload(rows, 1, self.context))
+                plan = self.session.generation_plan(Workload(rows, self.context, self.context))
             except BudgetError as e:
                 if rows == 1:
                     raise BudgetError(f"{e} (one request at a context of {self.context} positions)") from e
@@ -126,7 +142,7 @@ class Scheduler:
 
     def _serve(self, batch: ContinuousBatch) -> None:
         rows: dict[int, Row] = {}
-        eos = self.tokenizer.eos_token_ids
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else []
         while True:
             with self.wake:
                 while not self.stopping and not rows and not self.waiting:
@@ -136,16 +152,21 @@ class Scheduler:
                         row.request.emit("error", "the server is shutting down")
                     return
                 admitted = self._admit(len(rows))
-            for request in admitted:  # its prefill is a pass of its own; the running rows wait one pass
+            joining = {}
+            for request in admitted:
                 key = next(self.ids)
-                logits = batch.admit(key, np.array(request.prompt))
-                prompt = np.array([request.prompt])
-                rows[key] = Row(request, RowText(self.tokenizer, request.stop),
-                                Chooser(request.sampling, prompt, np.ones_like(prompt), logits.shape[-1]))
-                self._advance(batch, rows, key, logits, eos)
+                rows[key] = Row(request, RowText(self.tokenizer, request.stop) if self.tokenizer else TokenCount())
+                joining[key] = np.array(request.prompt)
+            if not batch.can_ride:  # sliding layers: each prompt's prefill is a pass of its own
+                for key, prompt in joining.items():
+                    self.passes += 1
+                    self._advance(batch, rows, key, batch.admit(key, prompt), eos)
+                joining = {}
             self.running = len(rows)
-            if rows:
-                for key, logits in batch.step({k: r.token for k, r in rows.items()}).items():
+            if rows:  # one pass: every running row's next token, and the new prompts riding along
+                self.passes += 1
+                running = {k: r.token for k, r in rows.items() if k not in joining}
+                for key, logits in batch.step(running, joining).items():
                     self._advance(batch, rows, key, logits, eos)
 
     def _admit(self, running: int) -> list[Request]:
@@ -171,6 +192,9 @@ class Scheduler:
         request = row.request
         if request.cancelled.is_set():
             return self._retire(batch, rows, key)
+        if row.choose is None:
+            prompt = np.array([request.prompt])
+            row.choose = Chooser(request.sampling, prompt, np.ones_like(prompt), logits.shape[-1])
         token = int(row.choose(logits[None])[0])
         request.completion_tokens += 1
         self.tokens_total += 1
@@ -200,4 +224,5 @@ class Scheduler:
         return {"requests_total": self.requests_total, "generated_tokens_total": self.tokens_total,
                 "queue_length": len(self.waiting), "running_rows": self.running,
                 "kv_reserved_bytes": self.reserved, "kv_pool_bytes": self.pool,
-                "budget_bytes": self.session.budget or 0, "peak_rss_bytes": peak_rss()}
+                "budget_bytes": self.session.budget or 0, "peak_rss_bytes": peak_rss(), "passes_total": self.passes,
+                "streamed_bytes_total": self.passes * self.streamed_per_pass}
