@@ -2,8 +2,8 @@
 stages computes every active request.
 
 Admission by reservation: at startup the generation plan is made for `parallel` rows at the server's context
-(`plan_generation` counts their KV cache, and a pass of that many rows over a whole context, inside the
-budget); each request then reserves the cache of its
+(`plan_generation` counts their KV cache twice over, since a join or a leave copies it, and a pass of that
+many rows over a whole context, inside the budget); each request then reserves the cache of its
 prompt + max_tokens out of that pool and waits in a bounded queue while the pool cannot hold it. A request
 that is admitted can always finish; the budget is never passed for a new one.
 """
@@ -28,7 +28,8 @@ from ..session import InferenceSession
 
 
 class TokenCount:
-    """RowText's part for a model directory without a tokenizer (token-id prompts): no text, no stops."""
+    """RowText's part for a model directory without a tokenizer (token-id prompts): no stops, and an empty
+    piece per token, so a stream still sends a chunk for each (time to first token, inter-token latency)."""
 
     finished = False
 
@@ -94,7 +95,8 @@ class Scheduler:
         """The widest batch up to `parallel` the budget holds at the full context (one line if clamped)."""
         for rows in range(parallel, 0, -1):
             try:
-                plan = self.session.generation_plan(Workload(rows, self.context, self.context))
+                # twice the context's cache: a join or a leave copies the batch's cache once (continuous.py)
+                plan = self.session.generation_plan(Workload(rows, self.context, 2 * self.context))
             except BudgetError as e:
                 if rows == 1:
                     raise BudgetError(f"{e} (one request at a context of {self.context} positions)") from e
@@ -199,7 +201,7 @@ class Scheduler:
         request.completion_tokens += 1
         self.tokens_total += 1
         piece = row.text.add(token, eos)
-        if piece:
+        if piece or isinstance(row.text, TokenCount):
             request.emit("text", piece)
         stopped = row.text.finished  # an end-of-sequence token or a stop string
         if stopped or request.completion_tokens >= request.max_tokens:
