@@ -11,8 +11,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,38 +19,16 @@ import numpy as np
 
 from hermes_ort.engine.memory import format_bytes
 from hermes_ort.planning.report import table
+from hermes_ort.serve.launch import launch
 
 from .machine import describe
 
 LIMIT_S = 600  # per concurrency level
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(model: str, budget: str, parallel: int, context: int) -> tuple[subprocess.Popen, int]:
-    import httpx
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hermes_ort", "serve", model, "--port", str(port), "--budget",
-                             budget, "--parallel", str(parallel), "--context", str(context)],
-                            stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "HERMES_API_KEY"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"hermes serve exited: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("hermes serve did not become healthy in 300 s")
+def start(model: str, budget: str, parallel: int, context: int):
+    env = {k: v for k, v in os.environ.items() if k != "HERMES_API_KEY"}
+    return launch(model, "--budget", budget, "--parallel", str(parallel), "--context", str(context), env=env)
 
 
 def metrics(port: int) -> dict[str, float]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,16 +15,11 @@ httpx = pytest.importorskip("httpx")
 
 import hermes_ort
 from hermes_ort.convert import convert_gguf
+from hermes_ort.serve.launch import launch
 
 from tiny_gguf import write_tiny_gguf
 
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +30,7 @@ def model(tmp_path_factory):
 
 
 def start(model, *extra: str):
-    port = free_port()
-    env = {**os.environ, "HERMES_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "hermes_ort", "serve", str(model), "--port", str(port), *extra],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read())
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("hermes serve did not become healthy in 90 s")
+    return launch(str(model), *extra, env={**os.environ, "HERMES_API_KEY": KEY}, timeout_s=90)
 
 
 def stop(proc) -> str:
