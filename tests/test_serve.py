@@ -174,3 +174,15 @@ def test_sigterm_drains_and_exits_0(model):
     assert client(port).completions.create(model="tiny", prompt="a", max_tokens=3, temperature=0).choices
     proc.terminate()
     assert proc.wait(timeout=30) == 0, proc.stderr.read()
+
+
+def test_tokenize_and_detokenize_round_trip(server, model):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    got = httpx.post(f"http://127.0.0.1:{server}/tokenize", json={"prompt": "the cat"}, headers=auth, timeout=10).json()
+    assert got["tokens"] == hermes_ort.Tokenizer.from_dir(model).encode_prompt("the cat")
+    assert got["count"] == len(got["tokens"]) and got["max_model_len"] == 128
+    back = httpx.post(f"http://127.0.0.1:{server}/detokenize", json={"tokens": got["tokens"]}, headers=auth,
+                      timeout=10).json()
+    assert back["prompt"] == "the cat"
+    bad = httpx.post(f"http://127.0.0.1:{server}/detokenize", json={"tokens": [10 ** 9]}, headers=auth, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"

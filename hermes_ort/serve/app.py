@@ -1,5 +1,5 @@
 """The OpenAI wire of `hermes serve`: /v1/models, /v1/completions, /v1/chat/completions (streamed as SSE
-or not), /health; errors as OpenAI's error JSON. Requests become scheduler.Request objects; the engine
+or not), /tokenize and /detokenize (vLLM's shapes), /health, /metrics; errors as OpenAI's error JSON. Requests become scheduler.Request objects; the engine
 thread's pieces come back through an asyncio queue."""
 from __future__ import annotations
 
@@ -195,6 +195,29 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         lines = [f"hermes_{name} {value}" for name, value in scheduler.metrics().items()]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
+    async def tokenize(request: HTTPRequest):
+        """vLLM's shape: {"prompt": text} -> {"tokens", "count", "max_model_len"}."""
+        if not authorized(request):
+            return error(401, "invalid or missing API key", "authentication_error")
+        body = await request.json()
+        if tokenizer is None or not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            return error(400, "tokenize takes {\"prompt\": text}" + ("" if tokenizer else
+                                                                      f"; {config.root} has no tokenizer.json"))
+        ids = tokenizer.encode_prompt(body["prompt"])
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": scheduler.context})
+
+    async def detokenize(request: HTTPRequest):
+        if not authorized(request):
+            return error(401, "invalid or missing API key", "authentication_error")
+        body = await request.json()
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        vocab = scheduler.layout.vocab or 1 << 62
+        if tokenizer is None or not isinstance(tokens, list) or not all(
+                isinstance(t, int) and 0 <= t < vocab for t in tokens):
+            return error(400, f"detokenize takes {{\"tokens\": ids in [0, {vocab})}}" + (
+                "" if tokenizer else f"; {config.root} has no tokenizer.json"))
+        return JSONResponse({"prompt": tokenizer.decode(tokens, skip_special_tokens=False)})
+
     async def chat_route(request: HTTPRequest):
         return await completion(request, chat=True)
 
@@ -202,6 +225,8 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         return await completion(request, chat=False)
 
     return Starlette(routes=[Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models),
+                             Route("/tokenize", tokenize, methods=["POST"]),
+                             Route("/detokenize", detokenize, methods=["POST"]),
                              Route("/v1/chat/completions", chat_route, methods=["POST"]),
                              Route("/v1/completions", text_route, methods=["POST"])])
 
