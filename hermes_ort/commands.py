@@ -251,8 +251,11 @@ def cmd_serve(args) -> None:
         root = os.path.abspath(args.model_dir)
         config = ServerConfig(os.path.basename(root.rstrip("/")), root,
                               args.api_key or os.environ.get("HERMES_API_KEY") or None)
+        plan = scheduler.plan
         print(f"hermes serve: {config.model} on http://{args.host}:{args.port}/v1 ({scheduler.parallel} rows at "
-              f"{context} positions, queue {args.max_queue})", file=sys.stderr, flush=True)
+              f"{context} positions, queue {args.max_queue}; plan: {len(plan.resident)} resident of "
+              f"{len(session.manifest.stages)} stages, predicted peak {format_bytes(plan.predicted_peak_bytes)})",
+              file=sys.stderr, flush=True)
         server = Draining(uvicorn.Config(build_app(scheduler, config), host=args.host, port=args.port,
                                          log_level="warning", workers=1))
         try:
