@@ -79,7 +79,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
             body = await request.json()
             if not isinstance(body, dict):
                 raise InputError("the request body must be a JSON object")
-            prompt = prompt_ids(body, chat)
+            prompt = prompt_ids(body, chat, scheduler, config.root)
             limit = body.get("max_completion_tokens", body.get("max_tokens"))
             max_tokens = int(limit) if limit is not None else scheduler.context - len(prompt)
             if max_tokens < 1:
@@ -98,96 +98,9 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(sse(job, pieces, ident, chat, usage, len(prompt)),
+            return StreamingResponse(sse(job, pieces, ident, chat, usage, len(prompt), config.model),
                                      media_type="text/event-stream")
-        return await whole(request, job, pieces, ident, chat, len(prompt))
-
-    def prompt_ids(body: dict, chat: bool) -> list[int]:
-        raw = body.get("prompt")
-        if not chat and isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool)
-                                                              for t in raw):
-            vocab = scheduler.layout.vocab
-            if vocab and not all(0 <= t < vocab for t in raw):
-                raise InputError(f"prompt token ids must lie in [0, {vocab})")
-            return list(raw)  # OpenAI's token-id prompt
-        if tokenizer is None:
-            raise InputError(f"{config.root} has no tokenizer.json: send the prompt as a list of token ids")
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-                raise InputError("messages must be a non-empty list of {role, content} objects")
-            text = tokenizer.apply_chat_template([{"role": m.get("role", "user"), "content": m["content"]}
-                                                  for m in messages])
-        else:
-            text = body.get("prompt")
-            if not isinstance(text, str) or not text:
-                raise InputError("prompt must be a non-empty string or a list of token ids")
-        ids = tokenizer.encode_prompt(text)
-        if not ids:
-            raise InputError("the prompt encodes to no tokens")
-        return ids
-
-    async def whole(request: HTTPRequest, job: Request, pieces: asyncio.Queue, ident: str, chat: bool,
-                    prompt: int):
-        text, finish = [], None
-        try:
-            while finish is None:
-                try:
-                    kind, value = await asyncio.wait_for(pieces.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({})
-                    continue
-                if kind == "error":
-                    return error(500, str(value), "server_error")
-                if kind == "text":
-                    text.append(value)
-                else:
-                    finish = value
-        finally:
-            job.cancelled.set()  # no-op once finished: the row left the batch already
-        content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
-                   "logprobs": None} if chat else
-                  {"index": 0, "text": content, "finish_reason": finish, "logprobs": None})
-        return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": config.model, "choices": [choice],
-                             "usage": usage_of(prompt, job.completion_tokens)})
-
-    async def sse(job: Request, pieces: asyncio.Queue, ident: str, chat: bool, usage: bool, prompt: int):
-        kind_name = "chat.completion.chunk" if chat else "text_completion"
-        created, started = int(time.time()), False
-
-        def chunk(delta_or_text, finish=None, choices=True) -> str:
-            choice = ({"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": None} if chat else
-                      {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": None})
-            return "data: " + json.dumps({"id": ident, "object": kind_name, "created": created,
-                                          "model": config.model, "choices": [choice] if choices else []}) + "\n\n"
-
-        try:
-            while True:
-                kind, value = await pieces.get()
-                if kind == "error":
-                    yield "data: " + json.dumps({"error": {"message": str(value), "type": "server_error"}}) + "\n\n"
-                    break
-                if kind == "text":
-                    if chat and not started:  # the role chunk, once a token exists
-                        yield chunk({"role": "assistant", "content": ""})
-                    started = True
-                    yield chunk({"content": value} if chat else value)
-                    continue
-                if chat and not started:
-                    yield chunk({"role": "assistant", "content": ""})
-                yield chunk({} if chat else "", finish=value)
-                if usage:
-                    payload = json.loads(chunk({} if chat else "")[len("data: "):])
-                    payload["choices"], payload["usage"] = [], usage_of(prompt, job.completion_tokens)
-                    yield "data: " + json.dumps(payload) + "\n\n"
-                break
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancelled.set()  # a client gone mid-stream: its row leaves the batch at the next pass
+        return await whole(request, job, pieces, ident, chat, len(prompt), config.model)
 
     async def metrics(request: HTTPRequest):
         if not authorized(request):
@@ -229,6 +142,100 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                              Route("/detokenize", detokenize, methods=["POST"]),
                              Route("/v1/chat/completions", chat_route, methods=["POST"]),
                              Route("/v1/completions", text_route, methods=["POST"])])
+
+
+def prompt_ids(body: dict, chat: bool, scheduler: Scheduler, root: str) -> list[int]:
+    """A completion's prompt as token ids: text through the tokenizer (chat: its template) or ids as given."""
+    tokenizer = scheduler.tokenizer
+    raw = body.get("prompt")
+    if not chat and isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in raw):
+        vocab = scheduler.layout.vocab
+        if vocab and not all(0 <= t < vocab for t in raw):
+            raise InputError(f"prompt token ids must lie in [0, {vocab})")
+        return list(raw)  # OpenAI's token-id prompt
+    if tokenizer is None:
+        raise InputError(f"{root} has no tokenizer.json: send the prompt as a list of token ids")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise InputError("messages must be a non-empty list of {role, content} objects")
+        text = tokenizer.apply_chat_template([{"role": m.get("role", "user"), "content": m["content"]}
+                                              for m in messages])
+    else:
+        text = body.get("prompt")
+        if not isinstance(text, str) or not text:
+            raise InputError("prompt must be a non-empty string or a list of token ids")
+    ids = tokenizer.encode_prompt(text)
+    if not ids:
+        raise InputError("the prompt encodes to no tokens")
+    return ids
+
+
+async def whole(request: HTTPRequest, job: Request, pieces: asyncio.Queue, ident: str, chat: bool, prompt: int,
+                model: str):
+    """The non-streamed reply, once the engine thread has finished the request."""
+    text, finish = [], None
+    try:
+        while finish is None:
+            try:
+                kind, value = await asyncio.wait_for(pieces.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse({})
+                continue
+            if kind == "error":
+                return error(500, str(value), "server_error")
+            if kind == "text":
+                text.append(value)
+            else:
+                finish = value
+    finally:
+        job.cancelled.set()  # no-op once finished: the row left the batch already
+    content = "".join(text)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
+               "logprobs": None} if chat else
+              {"index": 0, "text": content, "finish_reason": finish, "logprobs": None})
+    return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
+                         "created": int(time.time()), "model": model, "choices": [choice],
+                         "usage": usage_of(prompt, job.completion_tokens)})
+
+
+async def sse(job: Request, pieces: asyncio.Queue, ident: str, chat: bool, usage: bool, prompt: int, model: str):
+    """The streamed reply: OpenAI's chunks as the engine thread's pieces arrive, then [DONE]."""
+    kind_name = "chat.completion.chunk" if chat else "text_completion"
+    created, started = int(time.time()), False
+
+    def chunk(delta_or_text, finish=None, choices=True) -> str:
+        choice = ({"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": None} if chat else
+                  {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": None})
+        return "data: " + json.dumps({"id": ident, "object": kind_name, "created": created,
+                                      "model": model, "choices": [choice] if choices else []}) + "\n\n"
+
+    try:
+        while True:
+            kind, value = await pieces.get()
+            if kind == "error":
+                yield "data: " + json.dumps({"error": {"message": str(value), "type": "server_error"}}) + "\n\n"
+                break
+            if kind == "text":
+                if chat and not started:  # the role chunk, once a token exists
+                    yield chunk({"role": "assistant", "content": ""})
+                started = True
+                yield chunk({"content": value} if chat else value)
+                continue
+            if chat and not started:
+                yield chunk({"role": "assistant", "content": ""})
+            yield chunk({} if chat else "", finish=value)
+            if usage:
+                payload = json.loads(chunk({} if chat else "")[len("data: "):])
+                payload["choices"], payload["usage"] = [], usage_of(prompt, job.completion_tokens)
+                yield "data: " + json.dumps(payload) + "\n\n"
+            break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a client gone mid-stream: its row leaves the batch at the next pass
 
 
 def usage_of(prompt: int, completion: int) -> dict:
