@@ -57,36 +57,33 @@ def stops_of(body: dict) -> tuple[str, ...]:
 def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     tokenizer = scheduler.tokenizer
 
-    def authorized(request: HTTPRequest) -> bool:
-        return config.api_key is None or request.headers.get("authorization") == f"Bearer {config.api_key}"
+    def guarded(handler):
+        """The handler behind the API key (when one is set): 401 in OpenAI's error JSON otherwise."""
+        async def checked(request: HTTPRequest, **options):
+            if config.api_key is not None and request.headers.get("authorization") != f"Bearer {config.api_key}":
+                return error(401, "invalid or missing API key", "authentication_error")
+            return await handler(request, **options)
+        return checked
 
     async def health(request: HTTPRequest):
         if scheduler.failed is not None:
             return error(503, f"the engine failed: {scheduler.failed}", "server_error")
         return JSONResponse({"status": "ok"}) if scheduler.ready.is_set() else error(503, "warming up", "server_error")
 
+    @guarded
     async def models(request: HTTPRequest):
-        if not authorized(request):
-            return error(401, "invalid or missing API key", "authentication_error")
         return JSONResponse({"object": "list", "data": [
             {"id": config.model, "object": "model", "created": 0, "owned_by": "hermes-ort", "root": config.root,
              "max_model_len": scheduler.context}]})
 
+    @guarded
     async def completion(request: HTTPRequest, chat: bool):
-        if not authorized(request):
-            return error(401, "invalid or missing API key", "authentication_error")
         try:
             body = await request.json()
-            if not isinstance(body, dict):
-                raise InputError("the request body must be a JSON object")
-            prompt = prompt_ids(body, chat, scheduler, config.root)
-            limit = body.get("max_completion_tokens", body.get("max_tokens"))
-            max_tokens = int(limit) if limit is not None else scheduler.context - len(prompt)
-            if max_tokens < 1:
-                raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
-            job = Request(prompt, max_tokens, sampling_of(body), stops_of(body), emit=lambda kind, value: None)
+            job = job_of(body, chat, scheduler, config.root)
         except (InputError, ValueError, TypeError) as e:
             return error(400, str(e))
+        prompt = job.prompt
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
         job.emit = lambda kind, value: loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
         try:
@@ -102,16 +99,14 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                                      media_type="text/event-stream")
         return await whole(request, job, pieces, ident, chat, len(prompt), config.model)
 
+    @guarded
     async def metrics(request: HTTPRequest):
-        if not authorized(request):
-            return error(401, "invalid or missing API key", "authentication_error")
         lines = [f"hermes_{name} {value}" for name, value in scheduler.metrics().items()]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
+    @guarded
     async def tokenize(request: HTTPRequest):
         """vLLM's shape: {"prompt": text} -> {"tokens", "count", "max_model_len"}."""
-        if not authorized(request):
-            return error(401, "invalid or missing API key", "authentication_error")
         body = await request.json()
         if tokenizer is None or not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             return error(400, "tokenize takes {\"prompt\": text}" + ("" if tokenizer else
@@ -119,9 +114,8 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         ids = tokenizer.encode_prompt(body["prompt"])
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": scheduler.context})
 
+    @guarded
     async def detokenize(request: HTTPRequest):
-        if not authorized(request):
-            return error(401, "invalid or missing API key", "authentication_error")
         body = await request.json()
         tokens = body.get("tokens") if isinstance(body, dict) else None
         vocab = scheduler.layout.vocab or 1 << 62
@@ -142,6 +136,18 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                              Route("/detokenize", detokenize, methods=["POST"]),
                              Route("/v1/chat/completions", chat_route, methods=["POST"]),
                              Route("/v1/completions", text_route, methods=["POST"])])
+
+
+def job_of(body, chat: bool, scheduler: Scheduler, root: str) -> Request:
+    """A request body as the engine's Request (its emit set by the caller); InputError names what is wrong."""
+    if not isinstance(body, dict):
+        raise InputError("the request body must be a JSON object")
+    prompt = prompt_ids(body, chat, scheduler, root)
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = int(limit) if limit is not None else scheduler.context - len(prompt)
+    if max_tokens < 1:
+        raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
+    return Request(prompt, max_tokens, sampling_of(body), stops_of(body), emit=lambda kind, value: None)
 
 
 def prompt_ids(body: dict, chat: bool, scheduler: Scheduler, root: str) -> list[int]:
