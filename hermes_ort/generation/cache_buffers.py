@@ -45,6 +45,12 @@ class CacheBuffers:
         self.by_stage: dict[str, list[tuple[str, str, int]]] = {}
         self.total = 0
 
+    def forget(self) -> None:
+        """Lets go of every buffer: the batch's rows changed, so the cache now lies in new arrays (a join)
+        and the buffers, sized for the old rows, would sit beside it until each layer ran again."""
+        self.holding.clear()
+        self.free.clear()
+
     def begin(self, total_length: int) -> None:
         """The next pass ends at total_length positions (the attention mask's width)."""
         self.total = total_length

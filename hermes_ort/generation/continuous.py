@@ -80,6 +80,7 @@ class ContinuousBatch:
             self.past = {name: np.concatenate([array, np.zeros((len(prompts), *array.shape[1:]), array.dtype)])
                          for name, array in self.past.items()} if self.keys else self.layout.empty(len(prompts))
             self.keys = self.keys + list(joining)
+            self.buffers.forget()
         self.mask = np.concatenate([self.mask, new_mask], axis=1)
         feed = {"input_ids": ids, "position_ids": positions, "attention_mask": self.mask, **self.past}
         self.past = {}  # the feed holds the only reference: the chain frees each layer's past once used
@@ -110,6 +111,7 @@ class ContinuousBatch:
         self.past = {name: np.concatenate([self._padded(name, self.past[name], width),
                                            self._padded(name, past[name], width)])
                      for name in self.past}
+        self.buffers.forget()
         self.keys.append(key)
 
     def _padded(self, name: str, array: np.ndarray, width: int) -> np.ndarray:
