@@ -168,6 +168,8 @@ def add_convert(sub) -> None:
     serve.add_argument("--parallel", type=int, default=4, help="requests decoded together (clamped to what "
                        "the budget holds at --context)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
+    serve.add_argument("--prefill-chunk", type=int, default=512,
+                       help="prompt positions per pass (a longer prompt rides several): bounds attention's memory")
     serve.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (default: env HERMES_API_KEY)")
     serve.add_argument("--context", type=int, help="positions of prompt + completion per request (default: "
                        "the model's, at most 1024); each request's KV cache is reserved for its own")

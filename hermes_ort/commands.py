@@ -246,7 +246,7 @@ def cmd_serve(args) -> None:
         if context > model_context:
             raise HermesError(f"--context {context} exceeds the model's {model_context} positions")
         scheduler = Scheduler(session, tokenizer, max(1, args.parallel), context, max(0, args.max_queue),
-                              say=lambda line: print(line, file=sys.stderr))
+                              say=lambda line: print(line, file=sys.stderr), prefill_chunk=args.prefill_chunk)
         scheduler.start()
         root = os.path.abspath(args.model_dir)
         config = ServerConfig(os.path.basename(root.rstrip("/")), root,
@@ -258,6 +258,7 @@ def cmd_serve(args) -> None:
               file=sys.stderr, flush=True)
         server = Draining(uvicorn.Config(build_app(scheduler, config), host=args.host, port=args.port,
                                          log_level="warning", workers=1))
+        server.on_drain = scheduler.drain
         try:
             server.run()
         finally:
@@ -273,10 +274,13 @@ def draining_server():
     import uvicorn
 
     class Draining(uvicorn.Server):
+        on_drain = staticmethod(lambda: None)  # told first: new requests get 503 from then on
+
         @contextlib.contextmanager
         def capture_signals(self):
             def stop(signum, frame):
                 self.should_exit = True
+                self.on_drain()
 
             previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
             try:

@@ -8,8 +8,8 @@ from hermes_ort.generation.sampling import Chooser, Sampling, filtered_logits
 VOCAB = 12
 
 
-def reference_probs(logits, seen, temperature, top_k, top_p, penalty):
-    """One row, loops and sorts only: penalty, temperature, top-k, top-p, softmax."""
+def reference_probs(logits, seen, temperature, top_k, top_p, penalty, min_p=0.0):
+    """One row, loops and sorts only: penalty, temperature, top-k, top-p, min-p, softmax."""
     x = [float(v) for v in logits]
     x = [(v / penalty if v > 0 else v * penalty) if seen[i] else v for i, v in enumerate(x)]
     x = [v / temperature for v in x]
@@ -26,6 +26,7 @@ def reference_probs(logits, seen, temperature, top_k, top_p, penalty):
         if total >= top_p:
             break
     masked = np.array([probs[i] if i in kept else 0.0 for i in range(len(x))])
+    masked = np.array([p if p >= min_p * masked.max() else 0.0 for p in masked])
     return masked / masked.sum()
 
 
@@ -33,19 +34,20 @@ LOGITS = np.array([[2.0, -1.0, 0.5, 3.0, -2.5, 1.5, 0.0, 2.9, -0.3, 1.1, 0.7, -4
                    [0.1, 0.2, -0.3, 5.0, 1.0, -1.0, 0.0, 0.3, 2.2, -2.0, 1.9, 0.4]], np.float32)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, penalty", [
-    (1.0, 0, 1.0, 1.0), (0.7, 5, 1.0, 1.0), (1.3, 0, 0.8, 1.0), (0.9, 4, 0.6, 1.3), (1.0, 50, 0.95, 2.0),
+@pytest.mark.parametrize("temperature, top_k, top_p, penalty, min_p", [
+    (1.0, 0, 1.0, 1.0, 0.0), (0.7, 5, 1.0, 1.0, 0.0), (1.3, 0, 0.8, 1.0, 0.0), (0.9, 4, 0.6, 1.3, 0.0),
+    (1.0, 50, 0.95, 2.0, 0.0), (1.0, 0, 1.0, 1.0, 0.2), (0.8, 6, 0.9, 1.2, 0.05),
 ])
-def test_filters_equal_the_reference(temperature, top_k, top_p, penalty):
+def test_filters_equal_the_reference(temperature, top_k, top_p, penalty, min_p):
     seen = np.zeros(LOGITS.shape, bool)
     seen[:, [0, 3, 4]] = True
     sampling = Sampling(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=penalty)
+                        repetition_penalty=penalty, min_p=min_p)
     scores = filtered_logits(LOGITS, seen, sampling)
     got = np.exp(scores - scores.max(-1, keepdims=True))
     got /= got.sum(-1, keepdims=True)
     for row in range(2):
-        want = reference_probs(LOGITS[row], seen[row], temperature, top_k, top_p, penalty)
+        want = reference_probs(LOGITS[row], seen[row], temperature, top_k, top_p, penalty, min_p)
         assert np.allclose(got[row], want, atol=1e-9), (row, got[row], want)
 
 
@@ -73,6 +75,7 @@ def test_top_k_one_is_greedy_and_the_penalty_applies_to_greedy_too():
     (dict(temperature=0.0), "temperature must be > 0"), (dict(temperature=-1.0), "temperature must be > 0"),
     (dict(top_k=-1), "top_k must be >= 0"), (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
     (dict(top_p=1.5), "top_p must be in \\(0, 1\\]"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(min_p=1.5), "min_p must be in \\[0, 1\\]"), (dict(min_p=-0.1), "min_p must be in"),
 ])
 def test_bad_sampling_options_name_the_problem(options, message):
     with pytest.raises(InputError, match=message):

@@ -186,3 +186,66 @@ def test_tokenize_and_detokenize_round_trip(server, model):
     assert back["prompt"] == "the cat"
     bad = httpx.post(f"http://127.0.0.1:{server}/detokenize", json={"tokens": [10 ** 9]}, headers=auth, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_logprobs_are_the_models_log_softmax(server, model):
+    """chat's logprobs.content and text completions' legacy lists: the chosen token's log-probability under
+    the model's own logits, its rivals likeliest first (greedy: the chosen one leads them)."""
+    import numpy as np
+
+    from hermes_ort.generation.decoding import CacheLayout
+    from hermes_ort.generation.sampling import log_softmax
+
+    tokenizer = hermes_ort.Tokenizer.from_dir(model)
+    ids = tokenizer.encode_prompt("the cat")
+    with hermes_ort.InferenceSession(model, memory_budget="1GiB") as session:
+        feed = {"input_ids": np.array([ids]), "position_ids": np.arange(len(ids))[None],
+                "attention_mask": np.ones((1, len(ids)), np.int64), **CacheLayout.of(session.manifest).empty(1)}
+        want = log_softmax(session.run(["logits"], feed)[0][0, -1].astype(np.float64)[None])[0]
+    c = client(server)
+    text = c.completions.create(model="tiny", prompt="the cat", max_tokens=3, temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 3 and lp.text_offset[0] == 0
+    assert abs(lp.token_logprobs[0] - want.max()) < 1e-4
+    assert list(lp.top_logprobs[0].values()) == sorted(lp.top_logprobs[0].values(), reverse=True)
+    # the legacy format keys rivals by their text: two byte tokens both shown as U+FFFD make one key
+    rivals = sorted(lp.top_logprobs[0].values(), reverse=True)
+    assert 1 <= len(rivals) <= 2 and np.allclose(rivals, np.sort(want)[::-1][:len(rivals)], atol=1e-4)
+    messages = [{"role": "user", "content": "the cat"}]
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                     top_logprobs=3)
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in entries)
+    assert all(e.logprob == e.top_logprobs[0].logprob and e.token == e.top_logprobs[0].token for e in entries)
+    streamed = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True))
+    got = [e for ch in streamed if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in got] == [(e.token, round(e.logprob, 5)) for e in entries]
+    with pytest.raises(openai.BadRequestError, match="logprobs must be in"):
+        c.completions.create(model="tiny", prompt="the cat", max_tokens=2, logprobs=9)
+
+
+def test_the_budget_holds_under_concurrent_requests(tmp_path):
+    """OS peak (the server's VmHWM) within --budget while four long requests share the batch: a model whose
+    KV cache at four rows of 2048 positions is 128 MiB, served at exactly the peak its plan predicts."""
+    from tiny_gguf import TinyConfig
+
+    write_tiny_gguf(tmp_path / "wide.gguf", TinyConfig(hidden=256, heads=4, kv_heads=4, ffn=256, layers=4,
+                                                       context=2048))
+    wide = convert_gguf(tmp_path / "wide.gguf", tmp_path / "wide", "fp32").directory
+    proc, port = start(wide, "--parallel", "4", "--budget", "2GiB", "--context", "2048")
+    line = stop(proc)
+    predicted = line.split("predicted peak ")[1].split(")")[0]
+    proc, port = start(wide, "--parallel", "4", "--budget", predicted.replace(" ", ""), "--context", "2048")
+    try:
+        c = client(port)
+        prompts = [" ".join(["the cat in the hat"] * (130 + 10 * k)) for k in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # joins at different steps: each copies the cache
+            replies = list(pool.map(lambda p: c.completions.create(model="wide", prompt=p, max_tokens=40,
+                                                                   temperature=0), prompts))
+        assert all(r.choices for r in replies)
+        seen = metrics(port)
+        assert seen["hermes_kv_pool_bytes"] >= 4 * 2048 * 4 * 2 * 256 * 4  # every row's reservation counted
+        assert seen["hermes_peak_rss_bytes"] <= seen["hermes_budget_bytes"], seen
+    finally:
+        stop(proc)

@@ -80,3 +80,75 @@ def test_the_queue_is_bounded(scheduler):
     for r in long + waiting:
         r.cancelled.set()
     gate.wait(0.1)
+
+
+def test_while_draining_new_requests_are_503_and_health_says_so(scheduler):
+    pytest.importorskip("starlette", reason="hermes serve needs the serve extra: pip install 'hermes-ort[serve]'")
+    from starlette.testclient import TestClient
+
+    from hermes_ort.serve.app import ServerConfig, build_app
+
+    scheduler.ready.wait(30)
+    http = TestClient(build_app(scheduler, ServerConfig("tiny", "tiny")))
+    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 2, "temperature": 0}
+    assert http.post("/v1/completions", json=body).status_code == 200
+    scheduler.drain()
+    refused = http.post("/v1/completions", json=body)
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
+    assert http.get("/health").status_code == 503
+
+
+def test_a_slow_token_gets_sse_pings_and_the_stream_goes_on():
+    """A board can take seconds per token: the stream sends `: ping` comments meanwhile."""
+    import asyncio
+
+    from hermes_ort.serve.app import sse
+    from hermes_ort.serve.logprobs import LogprobWire
+
+    async def collect():
+        pieces = asyncio.Queue()
+        job = Request([1], 1, Sampling(), (), lambda kind, value: None)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.35, pieces.put_nowait, ("text", "hi"))
+        loop.call_later(0.4, pieces.put_nowait, ("done", "length"))
+        return [frame async for frame in sse(job, pieces, "cmpl-1", False, False, 1, "tiny", LogprobWire(None, False),
+                                             ping_s=0.1)]
+
+    frames = asyncio.run(collect())
+    assert frames[0] == ": ping\n\n" and 2 <= frames.count(": ping\n\n") <= 4
+    data = [f for f in frames if f.startswith("data: ")]
+    assert '"text": "hi"' in data[0] and data[-1] == "data: [DONE]\n\n"
+
+
+def test_a_prompt_fed_in_chunks_decodes_as_it_would_alone(model):
+    """A prompt longer than the prefill chunk rides several passes beside a running row; both rows' text is
+    that of each prompt decoded alone (greedy)."""
+    import numpy as np
+
+    tokenizer = hermes_ort.Tokenizer.from_dir(model)
+    session = hermes_ort.InferenceSession(model, memory_budget="1GiB")
+    s = Scheduler(session, tokenizer, parallel=2, context=64, max_queue=2, prefill_chunk=3)
+    prompts = {"a": ([5, 17, 99], 12), "b": ([40, 41, 42, 43, 44, 45, 46, 47, 12, 200], 6)}
+    text = {name: [] for name in prompts}
+    done = {name: threading.Event() for name in prompts}
+
+    def request(name):
+        def emit(kind, value):
+            if kind == "text":
+                text[name].append(value)
+            if kind in ("done", "error"):
+                done[name].set()
+        return Request(prompts[name][0], prompts[name][1], Sampling(), (), emit)
+
+    s.start()
+    try:
+        s.submit(request("a"))
+        s.submit(request("b"))
+        assert done["a"].wait(60) and done["b"].wait(60)
+    finally:
+        s.stop()
+        session.close()
+    for name, (prompt, n) in prompts.items():
+        ids = hermes_ort.generate(model, np.array([prompt]), n, tokenizer.eos_token_ids,
+                                  memory_budget="1GiB")[0, len(prompt):]
+        assert "".join(text[name]) == tokenizer.decode(ids), name

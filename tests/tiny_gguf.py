@@ -34,6 +34,7 @@ class TinyConfig:
     rope_base: float = 10000.0
     longrope: tuple[float, ...] = ()  # phi3's rope_factors_short (the long ones: twice these), original context 32
     rope_freqs: tuple[float, ...] = ()  # rope_freqs.weight: per-frequency divisors (Llama 3.x), head_dim / 2
+    context: int = 128  # context_length
 
     def type_of(self, suffix: str) -> str:
         return dict(self.types).get(suffix, self.matrix_type)
@@ -211,7 +212,7 @@ def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int) -> None:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_block_count(cfg.layers)
-    w.add_context_length(128)
+    w.add_context_length(cfg.context)
     w.add_embedding_length(cfg.hidden)
     w.add_feed_forward_length(cfg.ffn)
     w.add_head_count(cfg.heads)

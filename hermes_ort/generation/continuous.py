@@ -54,9 +54,10 @@ class ContinuousBatch:
 
     def step(self, tokens: dict[Hashable, int], joining: dict[Hashable, np.ndarray] | None = None
              ) -> dict[Hashable, np.ndarray]:
-        """One pass: each row feeds its next token (every row of the batch must be given one), and each
-        joining prompt rides the same pass (its whole prompt; the running rows' new positions before their
-        token are masked), so an arrival costs no pass of its own. Returns every row's last logits."""
+        """One pass: each row feeds its next token, or the next chunk of its prompt (ids [n]; every row of
+        the batch must be given one), and each joining prompt (or its first chunk) rides the same pass (a
+        row's new positions before its own are masked), so an arrival costs no pass of its own. Returns
+        every row's last logits."""
         joining = dict(joining or {})
         if set(tokens) != set(self.keys):
             raise ValueError(f"a step feeds every row of the batch: {sorted(map(str, self.keys))}")
@@ -65,12 +66,14 @@ class ContinuousBatch:
         if any(key in self.keys for key in joining):
             raise ValueError("a joining row is already in the batch")
         prompts = [np.asarray(p, np.int64).ravel() for p in joining.values()]
-        width = max([1] + [p.size for p in prompts])
+        width = max([1] + [p.size for p in prompts] + [np.size(t) for t in tokens.values()])
         rows = len(self.keys) + len(prompts)
         ids, new_mask = np.zeros((rows, width), np.int64), np.zeros((rows, width), np.int64)
         positions = np.ones((rows, width), np.int64)
-        for r, key in enumerate(self.keys):
-            ids[r, -1], new_mask[r, -1], positions[r, -1] = tokens[key], 1, self.mask[r].sum()
+        for r, key in enumerate(self.keys):  # one token, or a further chunk of a prompt being prefilled
+            fed = np.atleast_1d(np.asarray(tokens[key], np.int64))
+            ids[r, width - fed.size:], new_mask[r, width - fed.size:] = fed, 1
+            positions[r, width - fed.size:] = self.mask[r].sum() + np.arange(fed.size)
         for j, prompt in enumerate(prompts):
             r = len(self.keys) + j
             ids[r, width - prompt.size:], new_mask[r, width - prompt.size:] = prompt, 1

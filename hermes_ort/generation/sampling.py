@@ -1,5 +1,5 @@
-"""Choosing the next token from logits as transformers does: repetition penalty, temperature, top-k, top-p
-(in that order), then greedy or a seeded draw. Pure numpy; no torch."""
+"""Choosing the next token from logits as transformers does: repetition penalty, temperature, top-k, top-p,
+min-p (in that order), then greedy or a seeded draw. Pure numpy; no torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ class Sampling:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0  # 0: off; else drop tokens less likely than min_p times the most likely one
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -28,6 +29,8 @@ class Sampling:
             raise InputError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -61,6 +64,19 @@ def keep_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(drop, -np.inf, logits)
 
 
+def keep_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Masks tokens whose probability is below min_p times their row's largest (the largest stays)."""
+    if min_p == 0.0:
+        return logits
+    probs = softmax(logits)
+    return np.where(probs < min_p * probs.max(axis=-1, keepdims=True), -np.inf, logits)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
@@ -72,7 +88,7 @@ def filtered_logits(logits: np.ndarray, seen: np.ndarray, sampling: Sampling) ->
     if not sampling.do_sample:
         return out
     out = out / sampling.temperature
-    return keep_top_p(keep_top_k(out, sampling.top_k), sampling.top_p)
+    return keep_min_p(keep_top_p(keep_top_k(out, sampling.top_k), sampling.top_p), sampling.min_p)
 
 
 class Chooser:

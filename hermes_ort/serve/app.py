@@ -16,9 +16,11 @@ from starlette.routing import Route
 
 from ..errors import InputError
 from ..generation.sampling import Sampling
+from .logprobs import LogprobWire
 from .scheduler import QueueFull, Request, Scheduler
 
 RETRY_AFTER_S = 1
+PING_S = 2.0  # an SSE comment after this long without a token: proxies and clients see the stream alive
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ def sampling_of(body: dict) -> Sampling:
     seed = body.get("seed")
     return Sampling(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
                     top_k=int(body.get("top_k") or 0), top_p=float(body.get("top_p") or 1.0),
+                    min_p=float(body.get("min_p") or 0.0),
                     repetition_penalty=float(body.get("repetition_penalty") or 1.0),
                     seed=None if seed is None else int(seed))
 
@@ -68,6 +71,8 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     async def health(request: HTTPRequest):
         if scheduler.failed is not None:
             return error(503, f"the engine failed: {scheduler.failed}", "server_error")
+        if scheduler.draining:
+            return error(503, "shutting down", "server_error")
         return JSONResponse({"status": "ok"}) if scheduler.ready.is_set() else error(503, "warming up", "server_error")
 
     @guarded
@@ -78,12 +83,14 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
 
     @guarded
     async def completion(request: HTTPRequest, chat: bool):
+        if scheduler.draining:
+            return error(503, "the server is shutting down", "server_error")
         try:
             body = await request.json()
             job = job_of(body, chat, scheduler, config.root)
         except (InputError, ValueError, TypeError) as e:
             return error(400, str(e))
-        prompt = job.prompt
+        prompt, wire = job.prompt, LogprobWire(tokenizer, chat)
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
         job.emit = lambda kind, value: loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
         try:
@@ -95,9 +102,9 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(sse(job, pieces, ident, chat, usage, len(prompt), config.model),
+            return StreamingResponse(sse(job, pieces, ident, chat, usage, len(prompt), config.model, wire),
                                      media_type="text/event-stream")
-        return await whole(request, job, pieces, ident, chat, len(prompt), config.model)
+        return await whole(request, job, pieces, ident, chat, len(prompt), config.model, wire)
 
     @guarded
     async def metrics(request: HTTPRequest):
@@ -147,7 +154,23 @@ def job_of(body, chat: bool, scheduler: Scheduler, root: str) -> Request:
     max_tokens = int(limit) if limit is not None else scheduler.context - len(prompt)
     if max_tokens < 1:
         raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
-    return Request(prompt, max_tokens, sampling_of(body), stops_of(body), emit=lambda kind, value: None)
+    return Request(prompt, max_tokens, sampling_of(body), stops_of(body), emit=lambda kind, value: None,
+                   logprobs=logprobs_of(body, chat))
+
+
+def logprobs_of(body: dict, chat: bool) -> int | None:
+    """How many rivals each token's logprobs entry lists (None: no logprobs): chat takes `logprobs: true`
+    and `top_logprobs` 0-20, text completions `logprobs` 0-5, as OpenAI does."""
+    if chat:
+        top = body.get("top_logprobs")
+        if top is not None and not body.get("logprobs"):
+            raise InputError("top_logprobs needs logprobs: true")
+        wanted, most = (int(top or 0) if body.get("logprobs") else None), 20
+    else:
+        wanted, most = (None if body.get("logprobs") is None else int(body["logprobs"])), 5
+    if wanted is not None and not 0 <= wanted <= most:
+        raise InputError(f"{'top_logprobs' if chat else 'logprobs'} must be in [0, {most}], got {wanted}")
+    return wanted
 
 
 def prompt_ids(body: dict, chat: bool, scheduler: Scheduler, root: str) -> list[int]:
@@ -180,9 +203,9 @@ def prompt_ids(body: dict, chat: bool, scheduler: Scheduler, root: str) -> list[
 
 
 async def whole(request: HTTPRequest, job: Request, pieces: asyncio.Queue, ident: str, chat: bool, prompt: int,
-                model: str):
+                model: str, wire: LogprobWire):
     """The non-streamed reply, once the engine thread has finished the request."""
-    text, finish = [], None
+    text, finish, entries = [], None, []
     try:
         while finish is None:
             try:
@@ -195,44 +218,60 @@ async def whole(request: HTTPRequest, job: Request, pieces: asyncio.Queue, ident
                 return error(500, str(value), "server_error")
             if kind == "text":
                 text.append(value)
+            elif kind == "logprob":
+                entries.append(value)
             else:
                 finish = value
     finally:
         job.cancelled.set()  # no-op once finished: the row left the batch already
     content = "".join(text)
+    logprobs = None if job.logprobs is None else wire(entries)
     choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
-               "logprobs": None} if chat else
-              {"index": 0, "text": content, "finish_reason": finish, "logprobs": None})
+               "logprobs": logprobs} if chat else
+              {"index": 0, "text": content, "finish_reason": finish, "logprobs": logprobs})
     return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": model, "choices": [choice],
                          "usage": usage_of(prompt, job.completion_tokens)})
 
 
-async def sse(job: Request, pieces: asyncio.Queue, ident: str, chat: bool, usage: bool, prompt: int, model: str):
-    """The streamed reply: OpenAI's chunks as the engine thread's pieces arrive, then [DONE]."""
+async def sse(job: Request, pieces: asyncio.Queue, ident: str, chat: bool, usage: bool, prompt: int, model: str,
+              wire: LogprobWire, ping_s: float = PING_S):
+    """The streamed reply: OpenAI's chunks as the engine thread's pieces arrive, then [DONE]; a `: ping`
+    comment whenever ping_s pass without one (a board can take seconds per token)."""
     kind_name = "chat.completion.chunk" if chat else "text_completion"
-    created, started = int(time.time()), False
+    created, started, entries = int(time.time()), False, []
 
-    def chunk(delta_or_text, finish=None, choices=True) -> str:
-        choice = ({"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": None} if chat else
-                  {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": None})
+    def chunk(delta_or_text, finish=None, choices=True, carries=True) -> str:
+        """carries: the chunk takes the logprobs of the tokens since the last one (not the role chunk)."""
+        logprobs = None if job.logprobs is None or not entries or not carries else wire(entries)
+        if carries:
+            entries.clear()
+        choice = ({"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": logprobs} if chat else
+                  {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": logprobs})
         return "data: " + json.dumps({"id": ident, "object": kind_name, "created": created,
                                       "model": model, "choices": [choice] if choices else []}) + "\n\n"
 
     try:
         while True:
-            kind, value = await pieces.get()
+            try:
+                kind, value = await asyncio.wait_for(pieces.get(), timeout=ping_s)
+            except asyncio.TimeoutError:
+                yield ": ping\n\n"
+                continue
+            if kind == "logprob":
+                entries.append(value)
+                continue
             if kind == "error":
                 yield "data: " + json.dumps({"error": {"message": str(value), "type": "server_error"}}) + "\n\n"
                 break
             if kind == "text":
                 if chat and not started:  # the role chunk, once a token exists
-                    yield chunk({"role": "assistant", "content": ""})
+                    yield chunk({"role": "assistant", "content": ""}, carries=False)
                 started = True
                 yield chunk({"content": value} if chat else value)
                 continue
             if chat and not started:
-                yield chunk({"role": "assistant", "content": ""})
+                yield chunk({"role": "assistant", "content": ""}, carries=False)
             yield chunk({} if chat else "", finish=value)
             if usage:
                 payload = json.loads(chunk({} if chat else "")[len("data: "):])

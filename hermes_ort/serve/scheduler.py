@@ -21,7 +21,7 @@ from ..errors import BudgetError, InputError
 from ..generation.continuous import ContinuousBatch
 from ..generation.decode_plan import Workload
 from ..generation.decoding import CacheLayout
-from ..generation.sampling import Chooser, Sampling
+from ..generation.sampling import Chooser, Sampling, log_softmax
 from ..generation.text import RowText
 from ..generation.tokenizer import Tokenizer
 from ..session import InferenceSession
@@ -40,6 +40,26 @@ class TokenCount:
         return ""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw logits, before any sampling filter,
+    as vLLM reports by default) and the `top` likeliest tokens with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    scores = log_softmax(logits.astype(np.float64)[None])[0]  # [V]
+    best = np.argsort(-scores, kind="stable")[:top]
+    return TokenLogprob(token, float(scores[token]), tuple((int(t), float(scores[t])) for t in best))
+
+
+PREFILL_CHUNK = 512  # prompt positions per pass: attention's [rows, heads, chunk, context] scores stay bounded
+# (four rows of 1900-token prompts in one pass peaked at 1.6 GiB on a model whose plan predicted 0.7)
+
+
 class QueueFull(Exception):
     """More requests wait than --max-queue allows: the caller answers 503."""
 
@@ -55,6 +75,7 @@ class Request:
     stop: tuple[str, ...]
     emit: Callable[[str, object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None  # None: none; N: each token's log-probability and its N likeliest rivals
     reserved: int = 0
     completion_tokens: int = 0
 
@@ -65,14 +86,23 @@ class Row:
     text: RowText
     choose: Chooser | None = None  # made at the row's first logits (their width is the vocabulary)
     token: int = 0  # the token the next step feeds
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # prompt ids not yet fed
+
+    def feed(self, chunk: int) -> int | np.ndarray:
+        """What the next pass feeds: the next chunk of the prompt while one is left, else the token."""
+        if not self.pending.size:
+            return self.token
+        fed, self.pending = self.pending[:chunk], self.pending[chunk:]
+        return fed
 
 
 class Scheduler:
     """Owns the session's engine on a thread of its own; submit() queues, cancel via request.cancelled."""
 
     def __init__(self, session: InferenceSession, tokenizer: Tokenizer | None, parallel: int, context: int,
-                 max_queue: int, say: Callable[[str], None] = print):
+                 max_queue: int, say: Callable[[str], None] = print, prefill_chunk: int = PREFILL_CHUNK):
         self.session, self.tokenizer, self.context, self.max_queue = session, tokenizer, context, max_queue
+        self.prefill_chunk = max(1, prefill_chunk)
         self.layout = CacheLayout.of(session.manifest)
         self.parallel, self.plan = self._fitting_plan(parallel, say)
         self.pool = self.layout.bytes(self.parallel, context)  # the KV the plan holds room for
@@ -80,6 +110,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.wake = threading.Condition()
         self.stopping = False
+        self.draining = False  # SIGTERM: running requests finish, new ones are refused
         self.ids = itertools.count()
         self.thread = threading.Thread(target=self._run, name="hermes-serve-engine", daemon=True)
         self.ready = threading.Event()
@@ -109,6 +140,9 @@ class Scheduler:
 
     def start(self) -> None:
         self.thread.start()
+
+    def drain(self) -> None:
+        self.draining = True
 
     def stop(self) -> None:
         with self.wake:
@@ -159,6 +193,8 @@ class Scheduler:
                 key = next(self.ids)
                 rows[key] = Row(request, RowText(self.tokenizer, request.stop) if self.tokenizer else TokenCount())
                 joining[key] = np.array(request.prompt)
+                if batch.can_ride:  # a long prompt rides in chunks, pass after pass
+                    joining[key], rows[key].pending = np.split(joining[key], [self.prefill_chunk])
             if not batch.can_ride:  # sliding layers: each prompt's prefill is a pass of its own
                 for key, prompt in joining.items():
                     self.passes += 1
@@ -167,8 +203,10 @@ class Scheduler:
             self.running = len(rows)
             if rows:  # one pass: every running row's next token, and the new prompts riding along
                 self.passes += 1
-                running = {k: r.token for k, r in rows.items() if k not in joining}
+                running = {k: r.feed(self.prefill_chunk) for k, r in rows.items() if k not in joining}
                 for key, logits in batch.step(running, joining).items():
+                    if rows[key].pending.size and not rows[key].request.cancelled.is_set():
+                        continue  # its prompt is not all in yet: these logits choose nothing
                     self._advance(batch, rows, key, logits, eos)
 
     def _admit(self, running: int) -> list[Request]:
@@ -198,6 +236,8 @@ class Scheduler:
             prompt = np.array([request.prompt])
             row.choose = Chooser(request.sampling, prompt, np.ones_like(prompt), logits.shape[-1])
         token = int(row.choose(logits[None])[0])
+        if request.logprobs is not None:
+            request.emit("logprob", token_logprobs(logits, token, request.logprobs))
         request.completion_tokens += 1
         self.tokens_total += 1
         piece = row.text.add(token, eos)
