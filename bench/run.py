@@ -119,7 +119,7 @@ def paper_table(records: list[dict]) -> results.Table:
 
 
 def quick_models(scratch: Path) -> list[Path]:
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     return [export_model(name, scratch / name, random_weights=True, progress=False).directory
             for name in QUICK_MODELS]

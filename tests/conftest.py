@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `export` is a repo-root package, run as `python -m export`
+sys.path.insert(0, str(ROOT))  # hermes_ort_export and the `export` shim are repo-root packages (`python -m export`)
 
 TINY = ("tiny-gpt2", "tiny-bert", "tiny-vit", "tiny-llama", "tiny-qwen2", "tiny-mistral")
 
@@ -29,7 +29,7 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported(models_dir):
     """name -> ExportResult of a tiny model, exported on first use."""
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     cache = {}
 
@@ -44,7 +44,7 @@ def exported(models_dir):
 @pytest.fixture(scope="session")
 def torch_model():
     """name -> the seeded torch model the export of that name was built from."""
-    from export.families import load_source
+    from hermes_ort_export.families import load_source
 
     return lambda name: load_source(name, 0, random_weights=True)[1]
 

@@ -222,7 +222,7 @@ def test_a_decode_profile_measures_the_batched_layout_where_there_is_one(model, 
 def test_a_batched_stage_maps_its_layout_file_only(tmp_path, monkeypatch):
     """Its biases and norms are copied beside the transposed matrices: mapping the stage's own file too
     would hold its matrices twice (GPT-2 medium blocks profiled at 96 MiB instead of 48 before)."""
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
     from hermes_ort.format import weights
 
     monkeypatch.setattr(weights, "INLINE_MAX", 64)  # biases and norms in the data files, as in a full-size model

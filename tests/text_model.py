@@ -42,7 +42,7 @@ def export_text_model(out: Path) -> Path:
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from export.build import export_model
+    from hermes_ort_export.build import export_model
 
     with tempfile.TemporaryDirectory() as scratch:
         export_model(str(write_folder(Path(scratch) / "gpt2")), out, progress=False)
