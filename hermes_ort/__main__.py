@@ -196,6 +196,11 @@ def add_generate(sub, budget_help: str) -> None:
     gen.add_argument("--repetition-penalty", type=float)
     gen.add_argument("--seed", type=int, help="same seed, same tokens")
     gen.add_argument("--budget", help=budget_help + " (default: a share of available memory)")
+    gen.add_argument("--speculate", metavar="lookup|DRAFT_DIR",
+                     help="verify proposals in one pass: 'lookup' (n-grams of the prompt and the text so far) or "
+                          "a draft model directory with the same vocabulary, kept resident inside the budget")
+    gen.add_argument("--draft-tokens", type=int, default=8, metavar="K",
+                     help="with --speculate: the most proposals a pass verifies (adapts to the acceptance)")
     gen.set_defaults(func=cmd_generate)
 
 
@@ -259,6 +264,9 @@ def parser() -> argparse.ArgumentParser:
     add_convert(sub)
     add_quantize(sub)
     add_upkeep(sub)
+    sub.add_parser("export", add_help=False, help="a transformers model (a table name, a Hugging Face repository "
+                   "or a local folder) as checked stages: hermes export NAME|REPO|FOLDER --out DIR (the export "
+                   "extra; hermes export --help for its options)")
     return p
 
 
@@ -286,7 +294,27 @@ def add_upkeep(sub) -> None:
     update.set_defaults(func=cmd_update)
 
 
+EXPORT_EXTRA = ("torch", "transformers", "tqdm", "onnxsim")  # what `pip install "hermes-ort[export]"` adds
+
+
+def cmd_export(argv: list[str]) -> int:
+    """hermes export: the exporter parses its own arguments (those of `python -m export` in a checkout); it is
+    imported only here, as it needs the export extra."""
+    try:
+        from hermes_ort_export.__main__ import main as export
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in EXPORT_EXTRA:
+            raise
+        print(f'hermes export: error: needs {e.name}, from the export extra: pip install "hermes-ort[export]"',
+              file=sys.stderr)
+        return 2
+    return export(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return cmd_export(argv[1:])
     args = parser().parse_args(argv)
     try:
         args.func(args)

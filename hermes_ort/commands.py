@@ -21,6 +21,15 @@ def sampling_args(args) -> dict:
     return options
 
 
+def speculation_args(args) -> dict:
+    """--speculate and --draft-tokens as stream()'s options, with the stats the closing line reports."""
+    if args.speculate is None:
+        return {}
+    from .generation.speculative import SpeculationStats
+
+    return {"speculate": args.speculate, "draft_tokens": args.draft_tokens, "speculation_stats": SpeculationStats()}
+
+
 def prompts_of(args) -> list[str]:
     if args.prompts_file:
         try:
@@ -38,7 +47,9 @@ def cmd_generate(args) -> None:
     start = time.perf_counter()
     if args.ids is None and args.prompt is None and args.prompts_file is None:
         raise HermesError("give --prompt TEXT, --prompts-file FILE or --ids 1,2,3")
-    count, first, session = (generate_ids if args.ids is not None else generate_text)(args, budget, start)
+    speculation = speculation_args(args)
+    count, first, session = (generate_ids if args.ids is not None else generate_text)(args, budget, start,
+                                                                                    speculation)
     seconds = time.perf_counter() - start
     plan = session.last_generation_plan or session.plan
     rate = (count - 1) / max(seconds - first, 1e-9) if count > 1 else 0.0
@@ -47,9 +58,11 @@ def cmd_generate(args) -> None:
           f"then {rate:.2f} tokens/s; peak RSS "
           f"{format_bytes(peak_rss())} (budget {format_bytes(session.budget)}; plan: {len(plan.resident)} "
           f"resident, {streamed} streamed stages, {plan.loaders} loaders, window {plan.window})", file=sys.stderr)
+    if speculation:
+        print(f"speculation ({args.speculate}): {speculation['speculation_stats'].describe()}", file=sys.stderr)
 
 
-def generate_ids(args, budget, start):
+def generate_ids(args, budget, start, speculation: dict):
     import numpy as np
 
     from .generation.generate import stream
@@ -61,17 +74,19 @@ def generate_ids(args, budget, start):
         raise HermesError(f"--ids must be comma-separated token ids, got {args.ids!r}") from None
     with InferenceSession(args.model_dir, memory_budget=budget) as session:
         tokens, first = [], 0.0
-        for step in stream(session, prompt, args.max_new_tokens, eos_token_id=args.eos, **sampling_args(args)):
+        for step in stream(session, prompt, args.max_new_tokens, eos_token_id=args.eos, **sampling_args(args),
+                           **speculation):
             first = first or time.perf_counter() - start
             tokens.append(int(step[0]))
         print(",".join(map(str, tokens)))
     return len(tokens), first, session
 
 
-def generate_text(args, budget, start):
+def generate_text(args, budget, start, speculation: dict):
     from .generation.text import TextGenerator
 
-    options = dict(max_new_tokens=args.max_new_tokens, chat=args.chat, stop=args.stop or (), **sampling_args(args))
+    options = dict(max_new_tokens=args.max_new_tokens, chat=args.chat, stop=args.stop or (), **sampling_args(args),
+                   **speculation)
     prompts = prompts_of(args)
     with TextGenerator(args.model_dir, memory_budget=budget) as gen:
         if len(prompts) == 1:

@@ -111,7 +111,7 @@ class InferenceSession:
         self._pass_plan = self._as_the_app_asks(plan_override) if plan_override else None
         self._plan_override = plan_override
         self.last_generation_plan: Plan | None = None  # what the latest generation ran with (CLI stats)
-        self._generation_plans: dict[Workload, Plan] = {}
+        self._generation_plans: dict[tuple[Workload, int], Plan] = {}
         self.tracer = tracer
         self._resident = Resident(templates, log_severity=log_severity_of(sess_options),
                                   persistent=PersistentSessions.if_enabled())
@@ -170,29 +170,32 @@ class InferenceSession:
             outputs = pipeline.run(feed, run_options=run_options)
         return [outputs[n] for n in names]
 
-    def generation_plan(self, work: Workload) -> Plan:
-        """The plan for decoding `work` within this session's budget (see decode_plan.py)."""
+    def generation_plan(self, work: Workload, reserve: int = 0) -> Plan:
+        """The plan for decoding `work` within this session's budget less `reserve` bytes held beside it
+        (a resident draft model's weights and cache) (see decode_plan.py)."""
         if self._plan_override is not None:
             return self._as_the_app_asks(self._plan_override)
-        if work not in self._generation_plans:  # one plan per workload: the same generation loads the same way
+        key = (work, reserve)
+        if key not in self._generation_plans:  # one plan per workload: the same generation loads the same way
             templates, held = self._resident.templates, self._resident.names(self.manifest)
             profile = in_this_process(decode_profile(self._root, self.manifest, templates, work.batch), templates,
                                       held)
             layout = CacheLayout.of(self.manifest)
-            chosen = plan_generation(profile, layout, self.manifest, work, self.budget,
+            chosen = plan_generation(profile, layout, self.manifest, work, self.budget - reserve,
                                      transposed=has_transposed_layout(templates))
             chosen = with_merged_cache(quantized_prepacked(chosen, templates), layout, self.manifest, work,
                                        templates.lookups())
-            self._generation_plans[work] = self._as_the_app_asks(chosen)
-        self.last_generation_plan = self._generation_plans[work]
+            self._generation_plans[key] = self._as_the_app_asks(chosen)
+        self.last_generation_plan = self._generation_plans[key]
         return self.last_generation_plan
 
     @contextlib.contextmanager
-    def engine(self, plan: Plan | None = None) -> Iterator[Pipeline]:
+    def engine(self, plan: Plan | None = None, every_position: bool = False) -> Iterator[Pipeline]:
         """A pipeline kept across passes (one generation): its loaders run ahead into the next pass.
-        Exclusive while open; its exit joins its threads (resident stages stay, as after run())."""
-        with self._exclusive(), Pipeline(self._root, self.manifest, plan or self.plan, self._resident,
-                                               self.tracer, cyclic=True) as pipeline:
+        Exclusive while open; its exit joins its threads (resident stages stay, as after run()).
+        every_position: a pass may give the logits of several positions (speculative verification)."""
+        with self._exclusive(), Pipeline(self._root, self.manifest, plan or self.plan, self._resident, self.tracer,
+                                         cyclic=True, every_position=every_position) as pipeline:
             yield pipeline
 
     @contextlib.contextmanager

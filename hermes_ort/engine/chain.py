@@ -35,12 +35,13 @@ def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], prepared_for: 
               after_run: Callable[[int], None] = lambda i: None,
               span: Callable[[int], ContextManager] = lambda i: contextlib.nullcontext(),
               last_use: dict[str, int] | None = None, decoding: bool = False,
-              sink: OutputSink | None = None) -> dict[str, np.ndarray]:
+              sink: OutputSink | None = None, head_positions: int = 1) -> dict[str, np.ndarray]:
     """Runs every stage once; returns the model outputs. Each tensor is kept once, however many stages read it.
     A prepared stage with a `stop` covers stages [i, stop) in one run (engine/merged.py).
     decoding: the chain owns `feed` (it empties it as tensors die, so a step holds one KV cache, not the
-    previous one too) and head stages see the last position only (only the next token's logits are needed).
-    sink: where outputs it names are written (a decoder's KV cache buffers)."""
+    previous one too) and head stages see the last `head_positions` positions only (the next token's logits,
+    or one per token a speculative pass verifies). sink: where outputs it names are written (a decoder's KV
+    cache buffers)."""
     tensors = feed if decoding else dict(feed)
     last_use = last_use or manifest.last_use()
     i = 0
@@ -48,7 +49,7 @@ def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], prepared_for: 
         prepared = prepared_for(i)
         stages = manifest.stages[i:getattr(prepared, "stop", i + 1)]
         if decoding and stages[0].kind == "head":
-            last_position_only(tensors, stages[0])
+            last_position_only(tensors, stages[0], head_positions)
         into = {s.name: sink.buffers_for(s, tensors) for s in stages} if sink is not None else {}
         bound = {name: array for arrays in into.values() for name, array in arrays.items()}
         with span(i):
@@ -65,9 +66,9 @@ def run_chain(manifest: Manifest, feed: Mapping[str, np.ndarray], prepared_for: 
     return {t.name: tensors[t.name] for t in manifest.outputs}
 
 
-def last_position_only(tensors: dict[str, np.ndarray], stage: StageSpec) -> None:
-    """Cuts a head's [batch, sequence, E] inputs to the last position: a head works position by position."""
+def last_position_only(tensors: dict[str, np.ndarray], stage: StageSpec, positions: int = 1) -> None:
+    """Cuts a head's [batch, sequence, E] inputs to the last `positions`: a head works position by position."""
     for t in stage.inputs:
         value = tensors[t.name]
-        if len(t.shape) == 3 and value.shape[1] > 1 and np.issubdtype(value.dtype, np.floating):
-            tensors[t.name] = np.ascontiguousarray(value[:, -1:])
+        if len(t.shape) == 3 and value.shape[1] > positions and np.issubdtype(value.dtype, np.floating):
+            tensors[t.name] = np.ascontiguousarray(value[:, -positions:])

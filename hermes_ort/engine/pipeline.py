@@ -117,12 +117,16 @@ class Schedule:
 
 class Pipeline:
     def __init__(self, directory: Path, manifest: Manifest, plan: Plan, resident: Resident,
-                 tracer: Tracer | None = None, cyclic: bool = False):
+                 tracer: Tracer | None = None, cyclic: bool = False, every_position: bool = False):
+        """every_position: a cyclic pipeline's heads run on their own, so a pass may ask for the logits of
+        several last positions (no merged run that keeps only the last)."""
         self.directory, self.manifest, self.plan, self.resident = directory, manifest, plan, resident
         self.tracer = tracer or NullTracer()
-        resident.keep_only(set(plan.resident), manifest, plan.batched_layout, decoding=cyclic)
+        self.every_position = every_position
+        steps = cyclic and not every_position
+        resident.keep_only(set(plan.resident), manifest, plan.batched_layout, decoding=steps)
         if plan.merge_resident:
-            resident.merge_runs(directory, manifest, plan, decoding=cyclic)
+            resident.merge_runs(directory, manifest, plan, decoding=steps)
         self.cyclic = cyclic
         count = range(len(manifest.stages))
         self.schedule = Schedule([i for i in count if i not in resident.stages],
@@ -162,13 +166,15 @@ class Pipeline:
             raise self.error
 
     def run(self, feed: Mapping[str, np.ndarray], decoding: bool = False, run_options=None,
-            sink: OutputSink | None = None) -> dict[str, np.ndarray]:
-        """The inference agent: one pass over every stage, in order, on the caller's thread (decoding, sink:
-        see run_chain). An onnxruntime RunOptions whose `terminate` is set (from any thread) stops the pass
-        before its next stage."""
+            sink: OutputSink | None = None, head_positions: int = 1) -> dict[str, np.ndarray]:
+        """The inference agent: one pass over every stage, in order, on the caller's thread (decoding, sink,
+        head_positions: see run_chain; more than one needs every_position). An onnxruntime RunOptions whose
+        `terminate` is set (from any thread) stops the pass before its next stage."""
+        if head_positions != 1 and not self.every_position:
+            raise ValueError("logits of several positions per pass need Pipeline(every_position=True)")
         self.run_options = run_options
         return run_chain(self.manifest, feed, self._prepared_for, self._after_run, self._traced, self.last_use,
-                         decoding, sink)
+                         decoding, sink, head_positions)
 
     def _traced(self, i: int):
         return self.tracer.span(f"run {self.manifest.stages[i].name}", "run", thread="inference")

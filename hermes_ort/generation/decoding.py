@@ -128,14 +128,42 @@ class Decoder:
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feeds tokens [B] at the next position of each row."""
-        positions = self.mask.sum(axis=1, keepdims=True)  # [B, 1]: each row's count of real tokens
-        self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), np.int64)], axis=1)
-        return self._run({"input_ids": tokens.reshape(-1, 1).astype(np.int64), "position_ids": positions,
-                          "attention_mask": self.mask, **self.past})
+        return self.extend(tokens.reshape(-1, 1))
 
-    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+    def extend(self, tokens: np.ndarray, every: bool = False) -> np.ndarray:
+        """Feeds tokens [B, n] at the next n positions of each row in one pass; returns the last position's
+        logits [B, V], or with `every` each fed position's [B, n, V] (speculative verification: the engine
+        must allow it, Pipeline(every_position=True))."""
+        positions = self.mask.sum(axis=1, keepdims=True) + np.arange(tokens.shape[1])  # each row's real count on
+        self.mask = np.concatenate([self.mask, np.ones(tokens.shape, np.int64)], axis=1)
+        return self._run({"input_ids": tokens.astype(np.int64), "position_ids": positions,
+                          "attention_mask": self.mask, **self.past}, tokens.shape[1] if every else None)
+
+    def rollback(self, drop: int) -> None:
+        """Forgets the last `drop` positions of every row (rejected proposals): each cache is compacted
+        inside its own memory, so no buffer is allocated and the cache stays where the plan counted it."""
+        if drop <= 0:
+            return
+        self.mask = self.mask[:, :-drop]
+        self.past = {name: cut_positions(array, self.buffers.axis[name], array.shape[self.buffers.axis[name]] - drop)
+                     for name, array in self.past.items()}
+
+    def _run(self, feed: dict[str, np.ndarray], positions: int | None = None) -> np.ndarray:
+        """positions: the logits of that many last positions [B, n, V]; None: the last one's [B, V]."""
         self.past = {}  # the feed holds the only reference: the chain frees each layer's past once used
         self.buffers.begin(feed["attention_mask"].shape[1])
-        out = self.engine.run(feed, decoding=True, sink=self.buffers)
+        wide = {"head_positions": positions} if positions not in (None, 1) else {}
+        out = self.engine.run(feed, decoding=True, sink=self.buffers, **wide)
         self.past = {name: out[present] for name, present in self.layout.present_for.items()}
-        return out["logits"][:, -1]
+        return out["logits"][:, -1] if positions is None else out["logits"][:, -positions:]
+
+
+def cut_positions(array: np.ndarray, axis: int, keep: int) -> np.ndarray:
+    """The first `keep` positions along `axis`, moved to the front of the array's own memory (C order):
+    [outer, L, inner] becomes [outer, keep, inner] in place; numpy buffers the overlapping copy."""
+    shape = array.shape
+    outer, length, inner = int(np.prod(shape[:axis])), shape[axis], int(np.prod(shape[axis + 1:]))
+    flat = array.reshape(-1)  # a view: the cache is C-contiguous
+    kept = flat[:outer * keep * inner].reshape(outer, keep, inner)
+    kept[...] = flat.reshape(outer, length, inner)[:, :keep]
+    return kept.reshape(*shape[:axis], keep, *shape[axis + 1:])
