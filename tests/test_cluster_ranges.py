@@ -3,6 +3,8 @@ leaves it, a range directory opens as a model and the chained ranges give the wh
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -137,3 +139,20 @@ def test_a_range_is_written_into_a_new_directory(model, manifest, tmp_path):
     (tmp_path / "used" / "block_04.onnx").write_bytes(b"stale")
     with pytest.raises(ManifestError, match="is not empty: a range is written into a new directory"):
         write_range(model, manifest, StageRange(0, 2), tmp_path / "used")
+
+
+NO_RAY = """
+import sys
+sys.modules["ray"] = None  # as if Ray were not installed
+import hermes_ort.cluster
+try:
+    hermes_ort.cluster.Pipeline("{model}", [{{"resources": {{"board0": 1}}}}])
+except hermes_ort.HermesError as e:
+    print("ERROR", e)
+"""
+
+
+def test_without_ray_the_cluster_module_imports_and_says_how_to_install_it(model):
+    out = subprocess.run([sys.executable, "-c", NO_RAY.format(model=model)], capture_output=True, text=True,
+                         check=True).stdout
+    assert 'ERROR hermes_ort.cluster needs Ray, which is not installed: pip install "hermes-ort[ray]"' in out

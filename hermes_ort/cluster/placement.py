@@ -56,6 +56,11 @@ class Assignment:
 class Placement:
     assignments: tuple[Assignment, ...]
 
+    @classmethod
+    def given(cls, *ranges: tuple[str, StageRange]) -> "Placement":
+        """Ranges the caller chose, (board, StageRange) in pipeline order; nothing predicted."""
+        return cls(tuple(Assignment(board, r, 0, 0, 0.0) for board, r in ranges))
+
     @property
     def ranges(self) -> tuple[StageRange, ...]:
         return tuple(a.range for a in self.assignments)
