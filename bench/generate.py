@@ -1,4 +1,5 @@
-"""python -m bench.generate MODEL_DIR... [--budgets 100%,50%,25%] [--batches 1,8] [--tokens 32] [--repeats 1]:
+"""python -m bench.generate MODEL_DIR... [--budgets 100%,50%,25%] [--batches 1,8] [--tokens 32] [--repeats 1]
+[--speculate lookup,DRAFT_DIR] (the speculative decoding table instead: bench/speculate.py):
 greedy decoding with a KV cache, each strategy in a fresh process (peak RSS is a lifetime figure), warm page
 cache; with --repeats N every strategy runs N times in rounds and the median run is shown. One table:
 
@@ -33,6 +34,7 @@ from hermes_ort.planning.report import table
 from hermes_ort.format.manifest import weights_note
 
 from . import cold, results
+from . import speculate as speculate_bench
 from .machine import describe
 from .strategies import prepare_whole
 
@@ -272,10 +274,23 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs of every strategy, in rounds; the table shows "
                    "the median run's figures, the range of tokens/s, and the highest peak RSS")
     p.add_argument("--cold-every-token", action="store_true", help="streamed stages read from disk (bench/cold.py)")
+    p.add_argument("--speculate", help="comma-separated: lookup and/or draft model directories; the table is "
+                   "then speculative decoding against plain decoding on repeating prompts (bench/speculate.py)")
+    p.add_argument("--draft-tokens", type=int, default=8, help="with --speculate: the most proposals per pass")
+    p.add_argument("--speculate-worker", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["whole", "hermes", "stream-everything", "llama.cpp"], help=argparse.SUPPRESS)
     p.add_argument("--budget", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.speculate_worker:
+        budget, kind, speculate, draft_tokens = json.loads(args.speculate_worker)
+        directory = args.model_dirs[0]
+        limit = parse_budget(budget, manifest_io.load(directory).bytes)
+        print(json.dumps(speculate_bench.worker(directory, limit, kind, speculate, draft_tokens, args.tokens)))
+        return
+    if args.speculate:
+        return speculate_bench.run(args.model_dirs, args.budgets.split(","), args.speculate.split(","),
+                                   args.draft_tokens, args.tokens, args.repeats, args.out)
     if args.worker:
         directory = args.model_dirs[0]
         budget = parse_budget(args.budget, manifest_io.load(directory).bytes) if args.budget != "0" else None

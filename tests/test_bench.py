@@ -156,3 +156,25 @@ def test_random_gguf_lays_out_llama_cpp_q4_k_m():
     more = [i for i in range(22) if q4_k_m_type(f"blk.{i}.ffn_down.weight", i, 22, 5632, False) == "Q6_K"]
     assert more == [0, 1, 4, 7, 10, 13, 16, 19, 20, 21]
     assert q4_k_m_type("blk.3.attn_q.weight", 3, 22, 576, False) == "Q5_0"
+
+
+def test_bench_generate_speculate_measures_plain_beside_each_proposer(tmp_path):
+    """--speculate lookup,DRAFT: per prompt, plain decoding and each proposer in the same run, the same
+    greedy tokens, passes per token and acceptance kept (no timing asserted)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_gguf import TinyConfig, write_tiny_gguf
+    from hermes_ort.convert import convert_gguf
+
+    for name, layers, seed in (("target", 2, 0), ("draft", 1, 3)):
+        write_tiny_gguf(tmp_path / f"{name}.gguf", TinyConfig(layers=layers, context=512), seed=seed)
+        convert_gguf(tmp_path / f"{name}.gguf", tmp_path / name, "fp32")
+    out = bench("bench.generate", tmp_path / "target", "--speculate", f"lookup,{tmp_path / 'draft'}", "--budgets",
+                "1GiB", "--tokens", "6", "--out", tmp_path / "results")
+    table = rows(out, "target")
+    assert len(table) == 12 and all(r[-1] == "yes" for r in table)  # 4 prompts x 3, every one plain's tokens
+    doc = json.loads((tmp_path / "results" / "speculate.json").read_text())
+    assert {(r["prompt"], r["speculate"]) for r in doc["records"]} == {
+        (p, s) for p in ("code edit", "list read back", "summary quoting", "nothing to look up")
+        for s in ("plain", "lookup", "draft draft")}
+    assert len(doc["records"]) == 12 and all(r["same_tokens"] and r["passes"] <= r["tokens"] for r in doc["records"])
+    assert all(r["proposed"] > 0 for r in doc["records"] if r["speculate"] == "draft draft")
