@@ -264,6 +264,7 @@ def parser() -> argparse.ArgumentParser:
     add_convert(sub)
     add_quantize(sub)
     add_upkeep(sub)
+    add_cluster(sub)
     sub.add_parser("export", add_help=False, help="a transformers model (a table name, a Hugging Face repository "
                    "or a local folder) as checked stages: hermes export NAME|REPO|FOLDER --out DIR (the export "
                    "extra; hermes export --help for its options)")
@@ -292,6 +293,33 @@ def add_upkeep(sub) -> None:
     update.add_argument("model_dir")
     update.add_argument("new_dir", help="the new version (a model directory, checked whole first)")
     update.set_defaults(func=cmd_update)
+
+
+def board(text: str):
+    """An argparse type: NAME=BUDGET[,disk=MB/s][,speed=X]."""
+    from .cluster.boards import BoardSpec
+
+    try:
+        return BoardSpec.parse(text)
+    except HermesError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_cluster(sub) -> None:
+    """hermes cluster plan: which board runs which stage range (hermes_ort/cluster/)."""
+    from .cluster.command import cmd_cluster_plan
+
+    cluster = sub.add_parser("cluster", help="stage ranges on several boards (Ray: the ray extra)")
+    actions = cluster.add_subparsers(dest="action", required=True)
+    plan = actions.add_parser("plan", help="the fewest boards that keep every stage resident, else the slowest "
+                                           "range balanced; prints the placement")
+    plan.add_argument("model_dir")
+    plan.add_argument("--board", type=board, action="append", required=True, metavar="NAME=BUDGET[,disk=MB/s]",
+                      help="a board in pipeline order (repeat): budget as 2GiB, disk read speed (default 300), "
+                           "speed=X its compute against this machine's")
+    plan.add_argument("--batch", type=positive, default=1, help="rows in flight whose KV caches the boards hold")
+    plan.add_argument("--context", type=positive, default=1024, help="positions each row's cache holds")
+    plan.set_defaults(func=cmd_cluster_plan)
 
 
 EXPORT_EXTRA = ("torch", "transformers", "tqdm", "onnxsim")  # what `pip install "hermes-ort[export]"` adds

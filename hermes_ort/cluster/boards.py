@@ -46,6 +46,22 @@ class BoardSpec:
         return cls(name, resources, None if budget is None else parse_bytes(budget),
                    float(given.get("disk_mb_s", DEFAULT_DISK / 1e6)) * 1e6, float(given.get("speed", 1.0)))
 
+    @classmethod
+    def parse(cls, text: str) -> "BoardSpec":
+        """NAME=BUDGET[,disk=MB/s][,speed=X], as `hermes cluster plan --board` takes it; the board's Ray
+        resource is its name."""
+        name, _, rest = text.partition("=")
+        budget, *options = rest.split(",")
+        if not name or not budget:
+            raise InputError(f"a board is NAME=BUDGET[,disk=MB/s][,speed=X], got {text!r}")
+        given = {"name": name, "resources": {name: 1}, "memory_budget": budget}
+        for option in options:
+            key, _, value = option.partition("=")
+            if key not in ("disk", "speed") or not value:
+                raise InputError(f"board {name}: unknown option {option!r}; known: disk=MB/s, speed=X")
+            given["disk_mb_s" if key == "disk" else key] = value
+        return cls.of(given, 0)
+
     def session_budget(self) -> int | None:
         """What the board's hermes session may plan for: the budget less Ray's own share on the board."""
         if self.memory_budget is None:
@@ -91,4 +107,5 @@ def process_floor(profile: Profile) -> int:
 
 def profile_of(directory: Path, manifest: Manifest) -> Profile:
     """profile.json when `hermes profile` measured the model, else the estimate from weight sizes."""
+    directory = Path(directory)
     return model_profile(directory, manifest, Templates(directory, manifest))
