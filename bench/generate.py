@@ -155,7 +155,8 @@ def run_worker(*args: str) -> dict | None:
     """The worker's figures; None when the budget is below the model's feasible minimum (said on stderr)."""
     cmd = [sys.executable, "-m", "bench.generate", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    if out.returncode != 0 and "below the smallest feasible plan" in out.stderr:
+    if out.returncode != 0 and ("below the smallest feasible plan" in out.stderr or "below what any input needs"
+                                in out.stderr):
         print(f"bench: skipped {' '.join(args)}: {out.stderr.strip().splitlines()[-1]}", file=sys.stderr)
         return None
     if out.returncode != 0:

@@ -27,7 +27,7 @@ from .ort_api import (PROVIDER, UNSUPPORTED, ModelMetadata, budget_of, check_pro
                       threads_of)
 from .engine.pipeline import Pipeline, Resident
 from .engine.persistent import PersistentSessions
-from .planning.planner import Plan, plan
+from .planning.planner import Plan, check_floor, plan
 from .planning.profiles import Profile
 from .engine.templates import Templates
 from .engine.trace import Tracer
@@ -104,6 +104,9 @@ class InferenceSession:
                            else int(available() * HEADROOM))
             warn_above_machine(self.budget)
             templates = Templates(self._root, self.manifest)
+            if plan_override is None:
+                check_floor(in_this_process(model_profile(self._root, self.manifest, templates, None), templates),
+                            self.budget)
         except BaseException as e:
             self._pin.close()
             raise self._pin.readable(e) if isinstance(e, HermesError) else e

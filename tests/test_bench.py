@@ -132,9 +132,9 @@ def test_bench_generate_cold_every_token_reads_streamed_stages_from_storage(tmp_
 
     write_tiny_gguf(tmp_path / "tiny.gguf", TinyConfig(layers=2, hidden=256, heads=4, kv_heads=2, ffn=512))
     model = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "model", "native", 0).directory
-    refused = subprocess.run([sys.executable, "-m", "hermes_ort", "generate", str(model), "--ids", "5,17",
-                              "--max-new-tokens", "1", "--budget", "1MiB"], capture_output=True, text=True)
-    least = float(refused.stderr.split("smallest feasible plan, ")[1].split(" MiB")[0])
+    from budgets import least_generation_mib
+
+    least = least_generation_mib(model, "--ids", "5,17", "--max-new-tokens", "1")
     out = subprocess.run([sys.executable, "-m", "bench.generate", str(model), "--cold-every-token", "--budgets",
                           f"{least + 4:.1f}MiB",
                           "--tokens", "3", "--out", str(tmp_path / "results")], capture_output=True, text=True,

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import hermes_ort
 from hermes_ort import model_cache
 from hermes_ort.engine.memory import parse_budget, rss
+from hermes_ort.format import manifest as manifest_io
 
 APP = Path(__file__).parent / "apps" / "run_app.py"
 WIDTH, LAYERS = 1024, 12  # 12 x 4 MiB of weights: streaming at a budget below the model shows
@@ -66,7 +67,7 @@ def test_unchanged_app_streams_within_the_budget(tmp_path, cache):
     assert peak <= parse_budget(budget, 0)
     entries = model_cache.entries(cache)
     assert len(entries) == 1 and entries[0].source == str(model.resolve())
-    manifest = hermes_ort.InferenceSession(entries[0].directory, memory_budget=budget).manifest
+    manifest = manifest_io.load(entries[0].directory)  # (this test process alone holds more than the budget)
     assert sum(s.kind == "block" for s in manifest.stages) == LAYERS
 
 

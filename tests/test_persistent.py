@@ -21,6 +21,7 @@ from hermes_ort.engine.templates import Templates
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.planning.planner import Plan
 
+from budgets import least_generation_mib
 from tiny_gguf import TinyConfig, write_tiny_gguf
 
 CONFIG = SessionConfig(intra_op_threads=1, prepacking=True, spinning=False)
@@ -201,9 +202,7 @@ def test_a_plan_with_persistent_sessions_stays_within_its_budget(wide):
     out = subprocess.run([sys.executable, "-m", "hermes_ort", "profile", str(native), "--decode", "--max-length",
                           "32"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    plan = subprocess.run([sys.executable, "-m", "hermes_ort", "generate", str(native), "--ids", "5,17",
-                           "--max-new-tokens", "1", "--budget", "1MiB"], capture_output=True, text=True)
-    least = int(float(plan.stderr.split("smallest feasible plan, ")[1].split(" MiB")[0]) * (1 << 20)) + (1 << 20)
+    least = int(least_generation_mib(native, "--ids", "5,17", "--max-new-tokens", "1") * (1 << 20)) + (1 << 20)
     for budget in (least, least + (4 << 20)):
         run = subprocess.run([sys.executable, "-c", PEAK_OF_GENERATION, str(native), str(budget)], capture_output=True,
                              text=True)

@@ -50,6 +50,16 @@ def minimum_budget(profile: Profile, kv_cache_bytes: int = 0) -> int:
     return int(need / (1 - MARGIN)) + 1
 
 
+def check_floor(profile: Profile, budget: int) -> None:
+    """Refuses a budget below what any input needs (the process base and the largest stage, with the
+    margin), before anything runs: a session that could never run is no session."""
+    least = int((profile.base_bytes + largest_stage(profile)) / (1 - MARGIN)) + 1
+    if budget < least:
+        raise BudgetError(f"budget {format_bytes(budget)} is below what any input needs, {format_bytes(least)}: "
+                          f"process base {format_bytes(profile.base_bytes)} + largest stage "
+                          f"{format_bytes(largest_stage(profile))} + {MARGIN:.0%} margin")
+
+
 def largest_stage(profile: Profile) -> int:
     return max(min(s.plain.bytes, s.prepacked.bytes) for s in profile.stages)
 
