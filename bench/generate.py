@@ -27,7 +27,7 @@ import onnxruntime as ort
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.generation.decoding import CacheLayout, Decoder, check_prompt
 from hermes_ort.engine.loading import read_ahead
-from hermes_ort.format.page_cache import warm
+from hermes_ort.format.warm import warm
 from hermes_ort.engine.memory import format_bytes, parse_budget, peak_rss
 from hermes_ort.planning.planner import Plan
 from hermes_ort.planning.report import table
@@ -212,7 +212,8 @@ def batched_layout(directory: Path, manifest) -> None:
     """Decoding reads the template stages' matrices transposed, as after `hermes batched DIR` (written here
     once when the model has none, and said so)."""
     from hermes_ort.engine.templates import Templates
-    from hermes_ort.format.batched_layout import LAYOUT_DIR, load_layout, write_layout
+    from hermes_ort.engine.batched_writer import write_layout
+    from hermes_ort.format.batched_layout import LAYOUT_DIR, load_layout
 
     if load_layout(directory, manifest) is None:
         layout = write_layout(directory, manifest, Templates(directory, manifest))

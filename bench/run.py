@@ -23,7 +23,7 @@ import numpy as np
 from hermes_ort.engine.memory import format_bytes, parse_budget
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.format.manifest import weights_note
-from hermes_ort.format.page_cache import warm
+from hermes_ort.format.warm import warm
 from hermes_ort.planning.report import table
 
 from . import results

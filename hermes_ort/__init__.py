@@ -2,10 +2,10 @@
 from .errors import BudgetError, HermesError, InputError, ManifestError, SplitError, StageError
 from .ort_api import (ExecutionMode, GraphOptimizationLevel, RunOptions, SessionOptions, get_available_providers,
                       get_device, onnxruntime_version)
-from .generation.generate import generate, stream
+from .generation_api import generate, stream
 from .generation.sampling import Sampling
 from .session import InferenceSession, NodeArg
-from .generation.text import TextGenerator
+from .text_generator import TextGenerator
 from .generation.tokenizer import Tokenizer
 
 __version__ = "0.2.0"

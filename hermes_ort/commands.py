@@ -65,7 +65,7 @@ def cmd_generate(args) -> None:
 def generate_ids(args, budget, start, speculation: dict):
     import numpy as np
 
-    from .generation.generate import stream
+    from .generation_api import stream
     from .session import InferenceSession
 
     try:
@@ -83,7 +83,7 @@ def generate_ids(args, budget, start, speculation: dict):
 
 
 def generate_text(args, budget, start, speculation: dict):
-    from .generation.text import TextGenerator
+    from .text_generator import TextGenerator
 
     options = dict(max_new_tokens=args.max_new_tokens, chat=args.chat, stop=args.stop or (), **sampling_args(args),
                    **speculation)
@@ -153,7 +153,8 @@ def cmd_cache(args) -> None:
 def cmd_batched(args) -> None:
     from .engine.templates import Templates
     from .format import manifest as manifest_io
-    from .format.batched_layout import LAYOUT_DIR, remove_layout, write_layout
+    from .engine.batched_writer import write_layout
+    from .format.batched_layout import LAYOUT_DIR, remove_layout
 
     directory = Path(args.model_dir)
     manifest = manifest_io.load(directory)
@@ -174,13 +175,13 @@ def cmd_batched(args) -> None:
 
 def cmd_warm(args) -> None:
     from .format import manifest as manifest_io
-    from .format import page_cache
+    from .format.warm import warm
 
     start = time.perf_counter()
     directory = Path(args.model_dir)
     manifest = manifest_io.load(directory)
     packed = saved_packs(directory, manifest)
-    paths = page_cache.warm(directory, manifest)
+    paths = warm(directory, manifest)
     print(f"{args.model_dir}: {len(paths)} weight files ({format_bytes(sum(p.stat().st_size for p in paths))}) "
           f"read into the page cache in {time.perf_counter() - start:.1f} s, in huge pages but for lookup "
           f"tables: streamed stages map in a fraction of a millisecond" + (

@@ -88,23 +88,6 @@ def recache(path: Path, huge: bool = True) -> None:
         os.close(fd)
 
 
-def warm(directory: Path, manifest: Manifest) -> list[Path]:
-    """Every weight file of a model directory recached: in huge pages, lookup tables in small ones; and the
-    batched layout's files (`hermes batched`), which batched plans stream every step (found in 16-40 of 48
-    MiB huge pages after a day of benchmarks: GPT-2 medium's batch-8 loads took 2.7 ms, unmaps 0.9).
-    Returns the files."""
-    from .batched_layout import LAYOUT_DIR  # it caches what it writes through this module
-
-    tables = looked_up_files(directory, manifest)
-    paths = sorted({f.path for s in manifest.stages for f in s.weights})
-    for name in paths:
-        recache(directory / name, huge=name not in tables)
-    derived = sorted((directory / LAYOUT_DIR).glob("*.data"))
-    for path in derived:
-        recache(path)
-    return [directory / name for name in paths] + derived
-
-
 LOOKUPS = ("Gather", "GatherBlockQuantized")
 
 

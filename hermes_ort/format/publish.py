@@ -21,7 +21,7 @@ from typing import Iterator
 from ..errors import HermesError
 from .manifest import MANIFEST_NAME
 from . import manifest as manifest_io
-from .page_cache import warm
+from .warm import warm
 from .pinned import RETIRED, lock, remove_if_unused
 
 RENAME_EXCHANGE = 2

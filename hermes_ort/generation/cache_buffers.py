@@ -18,17 +18,13 @@ values, as it did when each step allocated. Buffers are flat, so a prefix of one
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
 
 import numpy as np
 
 from ..engine.memory import LARGE_ALLOCATION
 from ..format.manifest import StageSpec
-
-if TYPE_CHECKING:
-    from .decoding import CacheLayout
+from .cache_layout import CacheLayout
 
 
 class CacheBuffers:

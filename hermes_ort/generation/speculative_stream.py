@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -65,34 +66,37 @@ def check_draft(draft: CacheLayout, target: CacheLayout, source: str) -> None:
 
 
 @contextlib.contextmanager
-def opened_proposer(speculation: Speculation, session, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray,
+def opened_proposer(speculation: Speculation, draft, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray,
                     capacity: int, choice: Sampling) -> Iterator[tuple[Proposer, int]]:
-    """The proposer and the bytes it holds beside the target (a draft's weights and its cache)."""
+    """The proposer and the bytes it holds beside the target (a draft's weights and its cache); `draft` is
+    the draft model's open session when speculation has one."""
     if speculation.is_lookup:
         yield LookupProposer(ids, mask), 0
         return
-    from ..session import InferenceSession
-
     source = str(speculation.source)
-    with InferenceSession(source, memory_budget=session.budget) as draft:
-        draft_layout = CacheLayout.of(draft.manifest)
-        check_draft(draft_layout, layout, source)
-        check_rollback(draft_layout, source)
-        held = draft.manifest.bytes + draft_layout.bytes(ids.shape[0], capacity)
-        with draft_proposer(draft, ids, mask, capacity, choice) as proposer:
-            yield proposer, held
+    draft_layout = CacheLayout.of(draft.manifest)
+    check_draft(draft_layout, layout, source)
+    check_rollback(draft_layout, source)
+    held = draft.manifest.bytes + draft_layout.bytes(ids.shape[0], capacity)
+    with draft_proposer(draft, ids, mask, capacity, choice) as proposer:
+        yield proposer, held
 
 
 def speculative_tokens(session, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int,
-                       eos: np.ndarray, choice: Sampling, speculation: Speculation,
-                       stats: SpeculationStats) -> Iterator[np.ndarray]:
-    """Yields [B] tokens position by position, as tokens_of does, several per pass when proposals land."""
+                       eos: np.ndarray, choice: Sampling, speculation: Speculation, stats: SpeculationStats,
+                       draft=None) -> Iterator[np.ndarray]:
+    """Yields [B] tokens position by position, as plain decoding does, several per pass when proposals land."""
     check_rollback(layout, str(session.directory))
     batch, width = ids.shape
     capacity = width + max_new_tokens + speculation.most  # a pass feeds its proposals before it rolls back
-    with opened_proposer(speculation, session, layout, ids, mask, capacity, choice) as (proposer, held):
+    with opened_proposer(speculation, draft, layout, ids, mask, capacity, choice) as (proposer, held):
         work = Workload(batch, max(width, speculation.most + 1), capacity)
-        with session.engine(session.generation_plan(work, reserve=held), every_position=True) as engine:
+        plan = session.generation_plan(work, reserve=held)
+        if not plan.batched_layout and len(plan.resident) < len(session.manifest.stages):
+            warnings.warn(f"{session.directory} has no batched layout: a verify pass's several positions pack "
+                          f"each streamed matrix on every call; `hermes batched {session.directory}` writes it",
+                          stacklevel=2)
+        with session.engine(plan, every_position=True) as engine:
             decoder = Decoder(engine, layout, ids, mask, capacity)
             logits = decoder.prefill()
             stats.passes += 1
