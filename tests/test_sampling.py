@@ -80,3 +80,45 @@ def test_top_k_one_is_greedy_and_the_penalty_applies_to_greedy_too():
 def test_bad_sampling_options_name_the_problem(options, message):
     with pytest.raises(InputError, match=message):
         Sampling(**options)
+
+
+WARPER_CASES = [  # (temperature, top_k, top_p, repetition_penalty, min_p)
+    (1.0, 5, 0.9, 1.0, 0.0), (0.7, 8, 0.6, 1.3, 0.0), (1.3, 3, 0.95, 0.8, 0.0), (1.0, 0, 0.5, 1.0, 0.0),
+    (0.9, 20, 1.0, 1.2, 0.1), (1.0, 6, 0.75, 1.0, 0.05), (1.0, 50, 0.3, 1.0, 0.0)]
+
+
+def tied_logits(rows: int = 6, vocab: int = 40) -> np.ndarray:
+    """Seeded logits rounded to a coarse grid, so ties sit at the top-k and top-p cuts; the last row's four
+    equal leaders hold 0.25 each, so top_p 0.75 cuts exactly at 1 - p (where `<` and `<=` differ)."""
+    rng = np.random.default_rng(3)
+    logits = np.round(rng.normal(0, 2, (rows, vocab)) * 2) / 2
+    logits[-1] = -1e4
+    logits[-1, [7, 11, 19, 30]] = 0.0
+    return logits.astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, penalty, min_p", WARPER_CASES)
+def test_filters_equal_transformers_own_warpers(temperature, top_k, top_p, penalty, min_p):
+    """transformers' processors in generate()'s order: repetition penalty, temperature, top-k, top-p, min-p."""
+    torch = pytest.importorskip("torch")
+    generation = pytest.importorskip("transformers.generation.logits_process")
+    logits = tied_logits()
+    prompt = np.random.default_rng(4).integers(0, logits.shape[1], (logits.shape[0], 5))
+    seen = np.zeros(logits.shape, bool)
+    np.put_along_axis(seen, prompt, True, axis=1)
+    steps = [generation.RepetitionPenaltyLogitsProcessor(penalty), generation.TemperatureLogitsWarper(temperature)]
+    steps += [generation.TopKLogitsWarper(top_k)] if top_k else []
+    steps += [generation.TopPLogitsWarper(top_p)] if top_p < 1 else []
+    steps += [generation.MinPLogitsWarper(min_p)] if min_p else []
+    ids, scores = torch.from_numpy(prompt), torch.from_numpy(logits.copy())
+    for step in steps:
+        scores = step(ids, scores)
+    want = scores.numpy()
+    got = filtered_logits(logits, seen, Sampling(do_sample=True, temperature=temperature, top_k=top_k,
+                                                 top_p=top_p, repetition_penalty=penalty, min_p=min_p))
+    for row, (mine, theirs) in enumerate(zip(got, want)):
+        # which of two equal logits a cut drops is torch's sort order, not a rule: compare what is kept as
+        # values (a tie straddling the cut leaves the same values), and how many
+        kept, expected = np.sort(mine[np.isfinite(mine)]), np.sort(theirs[np.isfinite(theirs)])
+        assert kept.size == expected.size, (row, kept.size, expected.size)
+        np.testing.assert_allclose(kept, expected, rtol=1e-5, err_msg=f"row {row}")
