@@ -3,7 +3,9 @@
 here), driven by N concurrent clients over streamed /v1/completions with random token-id prompts (greedy).
 Per concurrency: vLLM's serving metrics (TTFT, TPOT, ITL, end-to-end latency: mean, median, p99; requests/s,
 output tokens/s, failed), and from the server's /metrics the bytes its passes streamed per generated token
-and its peak RSS. Every level runs a bounded number of requests under a time limit.
+and its peak RSS. Every level runs a bounded number of requests under a time limit. The batched layout
+(`hermes batched`: the template matrices transposed, which steps of several rows read) is written first
+when missing, as bench.generate does.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from hermes_ort.engine.memory import format_bytes
+from hermes_ort.format import manifest as manifest_io
 from hermes_ort.planning.report import table
 from hermes_ort.serve.launch import launch
 
+from .generate import batched_layout
 from .machine import describe
 
 LIMIT_S = 600  # per concurrency level
@@ -102,6 +106,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     config = json.loads((Path(args.model_dir) / "manifest.json").read_text())["config"]
+    batched_layout(Path(args.model_dir), manifest_io.load(args.model_dir))
     proc, port = start(args.model_dir, args.budget, max(levels), args.prompt + args.tokens)
     try:
         rows = [level(port, c, args.requests_per_client, args.prompt, args.tokens, config.get("vocab_size", 1000))

@@ -3,7 +3,9 @@ greedy decoding with and without speculation, each run in a fresh process, the p
 the same run. Prompts whose continuation repeats the prompt (a code edit, a list read back, a summary
 quoting its source) and one with nothing to look up (the decode bench's random ids). A model with a
 tokenizer.json gets text prompts; one without gets token-id prompts of the same shape (random ids that
-are then repeated), whose continuation a random-weights model need not copy.
+are then repeated), whose continuation a random-weights model need not copy. The batched layout (`hermes
+batched`) is written first when missing, as bench.generate does: a verify pass feeds several positions,
+which read the template matrices transposed (graphs/transposed.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from hermes_ort.engine.memory import format_bytes, parse_budget, peak_rss
 from hermes_ort.format import manifest as manifest_io
-from hermes_ort.format.page_cache import warm
+from hermes_ort.format.warm import warm
 
 from . import results
 
@@ -54,7 +56,7 @@ def prompt_ids(directory: Path, manifest, kind: str) -> np.ndarray:
 def worker(directory: Path, budget: int | None, kind: str, speculate: str, draft_tokens: int, tokens: int) -> dict:
     """One generation in this process: tokens/s after the first token, passes, acceptance, peak RSS."""
     from hermes_ort import InferenceSession
-    from hermes_ort.generation.generate import stream
+    from hermes_ort.generation_api import stream
     from hermes_ort.generation.speculative import SpeculationStats
 
     manifest = manifest_io.load(directory)
@@ -76,7 +78,7 @@ def worker(directory: Path, budget: int | None, kind: str, speculate: str, draft
 
 def run(directories: list[Path], budgets: list[str], speculates: list[str], draft_tokens: int, tokens: int,
         repeats: int, out: Path | None) -> None:
-    from .generate import median_run
+    from .generate import batched_layout, median_run
     from .machine import describe
     from hermes_ort.planning.report import table
 
@@ -84,6 +86,7 @@ def run(directories: list[Path], budgets: list[str], speculates: list[str], draf
     with results.progress(len(directories) * len(budgets) * len(KINDS)) as bar:
         for directory in directories:
             manifest = manifest_io.load(directory)
+            batched_layout(directory, manifest)
             for budget in budgets:
                 for kind in KINDS:
                     strategies = [PLAIN, *speculates]
