@@ -75,6 +75,10 @@ def test_rows_that_join_and_leave_decode_as_they_would_alone(model, ride):
                 widths.append(batch.width)
                 logits = batch.step({row: got[row][-1] for row in batch.keys}, joining)
                 joining = {}
+                if not layout.kept:  # each row's positions together at the right; no column all rows skip
+                    counts = batch.mask.sum(axis=1)
+                    assert batch.width == counts.max(), (t, batch.width, counts)
+                    assert all(batch.mask[r, batch.width - c:].all() for r, c in enumerate(counts)), t
         for row, (_, prompt, n) in enumerate(SCHEDULE):  # every step's logits: the whole sequence recomputed
             for j in range(n):
                 want = last_logits(session, prompt + got[row][:j])

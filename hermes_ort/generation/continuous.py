@@ -90,7 +90,35 @@ class ContinuousBatch:
         self.buffers.begin(self.width)
         out = self.engine.run(feed, decoding=True, sink=self.buffers)
         self.past = {name: out[present] for name, present in self.layout.present_for.items()}
+        if width > 1:
+            self._compact()
         return dict(zip(self.keys, out["logits"][:, -1]))
+
+    def _compact(self) -> None:
+        """Moves each row's positions together at the right end and drops the columns no row needs then.
+        A pass of w positions (a riding prompt, a prompt's chunk) adds w columns to every row, masked for
+        the rows that fed less: left there, they would pile up join after join and the cache would outgrow
+        the rows' reservations (prompt + max_tokens each). One copy of the cache, as a join's merge makes."""
+        if self.layout.kept or not self.keys:  # sliding layers keep a window of columns, not positions
+            return
+        counts = self.mask.sum(axis=1)
+        width = int(counts.max())
+        packed = np.arange(width) >= width - counts[:, None]  # [B, width]: each row's positions at the right
+        if width == self.width and np.array_equal(self.mask.astype(bool), packed):
+            return
+        rows = [np.flatnonzero(row) for row in self.mask]
+        past = {}
+        for name in list(self.past):
+            array, axis = self.past.pop(name), self.layout_axis(name)  # the old one goes as the new one fills
+            shape = list(array.shape)
+            shape[axis] = width
+            moved = np.zeros(shape, array.dtype)
+            for r, columns in enumerate(rows):
+                place = [r] + [slice(None)] * (axis - 1) + [slice(width - columns.size, width)]
+                moved[tuple(place)] = np.take(array[r], columns, axis=axis - 1)
+            past[name] = moved
+        self.past, self.mask = past, packed.astype(np.int64)
+        self.buffers.forget()
 
     def retire(self, key: Hashable) -> None:
         """Drops the row (between passes) and the columns no row uses any more."""
