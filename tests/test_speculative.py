@@ -15,7 +15,8 @@ from hermes_ort.generation.decode_plan import Workload
 from hermes_ort.generation.decoding import CacheLayout, Decoder
 from hermes_ort.generation.proposers import Proposals
 from hermes_ort.generation.sampling import Chooser, Sampling
-from hermes_ort.generation.speculative import Lookup, SpeculationStats, judge, next_k, resample
+from hermes_ort.generation.speculative import (PROBE_EVERY, Lookup, PassCosts, SpeculationStats, judge, next_k,
+                                               resample, worth_verifying)
 from hermes_ort.generation.speculative_stream import verified
 from hermes_ort.planning.planner import Plan
 
@@ -88,24 +89,26 @@ class Oracle:
 
 
 class Widths:
-    """The engine, counting the positions each pass feeds."""
+    """The engine, counting the positions each pass feeds; its clock advances by what `cost` says a pass
+    of that width takes (seconds), so the loop's timing is the test's."""
 
-    def __init__(self, engine):
-        self.engine, self.fed = engine, []
+    def __init__(self, engine, cost=lambda width: 1.0):
+        self.engine, self.fed, self.cost, self.now = engine, [], cost, 0.0
 
     def run(self, feed, decoding=False, sink=None, **options):
         self.fed.append(feed["input_ids"].shape[1])
+        self.now += self.cost(feed["input_ids"].shape[1])
         return self.engine.run(feed, decoding, sink=sink, **options)
 
 
-def oracle_run(directory, wrong, new=16, most=4):
+def oracle_run(directory, wrong, new=16, most=4, cost=lambda width: 1.0):
     """(tokens, passes' fed widths, stats) of the loop with an Oracle proposer, and plain greedy's tokens."""
     prompt = np.array([SHORT])
     truth = hermes_ort.generate(directory, prompt, new, memory_budget="1GiB")[0, len(SHORT):].tolist()
     with hermes_ort.InferenceSession(directory, memory_budget="1GiB") as session:
         layout = CacheLayout.of(session.manifest)
         with session.engine(session.generation_plan(Workload(1, 8, 32)), every_position=True) as engine:
-            counted = Widths(engine)
+            counted = Widths(engine, cost)
             decoder = Decoder(counted, layout, prompt, np.ones_like(prompt), 32)
             choose = Chooser(Sampling(), prompt, np.ones_like(prompt), layout.vocab)
             first = choose(decoder.prefill())
@@ -113,7 +116,7 @@ def oracle_run(directory, wrong, new=16, most=4):
             oracle = Oracle(truth, wrong, layout.vocab)
             oracle.at = 1
             tokens = [int(t[0]) for t in verified(decoder, oracle, choose, first, new, np.zeros(0, np.int64), most,
-                                                   stats)]
+                                                   stats, clock=lambda: counted.now)]
     return tokens, truth, counted.fed[1:], stats
 
 
@@ -128,6 +131,32 @@ def test_a_proposer_that_is_always_wrong_costs_one_extra_position_per_pass(model
     assert tokens == truth
     assert max(fed) == 2  # the last token and one proposal: K falls back to one after each miss
     assert stats.passes == len(truth) - 1 and stats.accepted == 0  # as plain decoding: one pass per token
+
+
+def test_where_wide_passes_cost_more_than_they_gain_most_passes_are_plain(models):
+    """Wide passes cost 3x a plain step and every third proposal misses: verifying stops paying, so the loop
+    steps plainly and tries again only every PROBE_EVERY plain steps; greedy stays exact."""
+    new = 40
+    tokens, truth, fed, stats = oracle_run(models[0], lambda at: at % 3 == 0, new=new, most=2,
+                                           cost=lambda width: 3.0 if width > 1 else 1.0)
+    assert tokens == truth
+    wide = sum(w > 1 for w in fed)
+    assert 2 <= wide <= 3 + new // PROBE_EVERY, fed
+    cheap = oracle_run(models[0], lambda at: at % 3 == 0, new=new, most=2)[2]  # wide passes as cheap as plain ones
+    assert sum(w > 1 for w in cheap) > wide
+
+
+@pytest.mark.parametrize("one, wide, accepted, proposed, k, worth", [
+    (None, None, 0, 0, 4, True),  # nothing measured yet: a wide pass first
+    (1.0, None, 0, 10, 1, True),
+    (None, 1.0, 10, 10, 4, False),  # then a plain step, to measure it
+    (0.067, 0.120, 14, 32, 2, False),  # GPT-2 medium at 25%: 1.8x the cost, 44% acceptance
+    (0.067, 0.120, 27, 29, 4, True),  # ... 93% acceptance
+    (0.036, 0.044, 11, 41, 1, True),  # SmolLM2 at 250 MiB: 1.2x the cost
+    (1.0, 1.0, 0, 50, 1, True),  # as cheap as a plain step: any proposal is free
+])
+def test_verifying_is_worth_it_when_the_tokens_it_gains_outweigh_its_cost(one, wide, accepted, proposed, k, worth):
+    assert worth_verifying(PassCosts(one, wide), accepted, proposed, k) is worth
 
 
 def test_the_cache_after_a_rejection_is_the_accepted_prefix_decoded_plainly(models):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from .decode_plan import Workload
 from .decoding import CacheLayout, Decoder
 from .proposers import LookupProposer, Proposer, draft_proposer
 from .sampling import Chooser, Sampling
-from .speculative import SpeculationStats, judge, next_k
+from .speculative import PROBE_EVERY, PassCosts, SpeculationStats, judge, next_k, worth_verifying
 
 LOOKUP = "lookup"
 
@@ -106,11 +107,15 @@ def speculative_tokens(session, layout: CacheLayout, ids: np.ndarray, mask: np.n
 
 
 def verified(decoder: Decoder, proposer: Proposer, choose: Chooser, first: np.ndarray, max_new_tokens: int,
-             eos: np.ndarray, most: int, stats: SpeculationStats) -> Iterator[np.ndarray]:
-    """The decode loop: emit, propose, verify in one pass, judge, roll the rejected positions back."""
+             eos: np.ndarray, most: int, stats: SpeculationStats,
+             clock: Callable[[], float] = time.perf_counter) -> Iterator[np.ndarray]:
+    """The decode loop: emit, propose, verify in one pass, judge, roll the rejected positions back. A pass
+    verifies proposals only while that is expected to beat a plain step (worth_verifying, from the passes
+    timed here); after PROBE_EVERY plain steps it tries again."""
     done = np.zeros(first.shape[0], bool)
     fill = eos[0] if eos.size else 0
     emitted, accepted, k, count = [first], 0, 1, 0
+    costs, plain_in_a_row = PassCosts(), 0
     while True:
         for token in emitted:
             token = np.where(done, fill, token)
@@ -122,13 +127,21 @@ def verified(decoder: Decoder, proposer: Proposer, choose: Chooser, first: np.nd
                 return
         proposer.advance(emitted, accepted)
         last, ask = emitted[-1], min(k, max_new_tokens - count - 1)  # a pass emits up to ask + 1 tokens
+        if ask > 0 and plain_in_a_row < PROBE_EVERY and not worth_verifying(costs, stats.accepted, stats.proposed,
+                                                                            ask):
+            ask = 0
         proposals = proposer.propose(ask, choose.seen) if ask > 0 else None
+        start = clock()
         if proposals is None or not proposals.made[~done].any():  # nothing to verify: a plain step
-            stats.passes += 1
             emitted, accepted = [choose(decoder.step(last))], 0
+            costs.record(1, clock() - start)
+            stats.passes += 1
+            plain_in_a_row += 1
             continue
         logits = decoder.extend(np.concatenate([last[:, None], proposals.tokens], axis=1), every=True)
+        costs.record(ask + 1, clock() - start)
         stats.passes += 1
+        plain_in_a_row = 0
         emitted, accepted = judge(choose, logits, proposals.tokens, proposals.q, done)
         decoder.rollback(ask - accepted)
         stats.proposed += int(proposals.made[~done].sum())
