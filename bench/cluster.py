@@ -100,7 +100,8 @@ def record(r: dict) -> dict:
     per_token = r["one_stream_s"] / r["tokens"]
     hop_s = max(0.0, per_token - compute) / hops
     predicted_many = min(r["requests"] / (compute + hops * hop_s), 1 / slowest)
-    return r | {"one_stream_tokens_s": 1 / per_token, "in_flight_tokens_s": r["requests"] * r["tokens"] / r["in_flight_s"],
+    return r | {"one_stream_tokens_s": 1 / per_token,
+                "in_flight_tokens_s": r["requests"] * r["tokens"] / r["in_flight_s"],
                 "hop_ms": hop_s * 1000, "predicted_in_flight_tokens_s": predicted_many,
                 "predicted_one_stream_tokens_s": 1 / (compute + hops * hop_s)}
 

@@ -6,5 +6,5 @@ from .pipeline import Pipeline
 from .ranges import RangeFlow, StageRange, flow, range_manifest, write_range
 from .ray_api import BoardError
 
-__all__ = ["Pipeline", "BoardError", "StageRange", "RangeFlow", "flow", "range_manifest", "write_range", "Board", "StageLoad",
-           "Assignment", "Placement", "place"]
+__all__ = ["Pipeline", "BoardError", "StageRange", "RangeFlow", "flow", "range_manifest", "write_range", "Board",
+           "StageLoad", "Assignment", "Placement", "place"]

@@ -98,7 +98,8 @@ class RangeWorker:
         self.requests.pop(request, None)
 
     def stats(self) -> dict:
-        return {"board": self.board, "opened": self.opened(), "requests": len(self.requests), "last_received": dict(self.traffic.last),
+        return {"board": self.board, "opened": self.opened(), "requests": len(self.requests),
+                "last_received": dict(self.traffic.last),
                 "bytes_received": self.traffic.bytes, "calls": self.traffic.calls,
                 "compute_s": self.traffic.compute_s}
 
