@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .commands import cmd_batched, cmd_cache, cmd_convert, cmd_generate, cmd_quantize, cmd_serve, cmd_warm, print_generation_plan
@@ -339,8 +340,14 @@ def cmd_export(argv: list[str]) -> int:
     return export(argv)
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI prints its errors: one line, no source file and line of hermes' own code."""
+    return f"hermes: warning: {message}\n"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = one_line_warning
     if argv[:1] == ["export"]:
         return cmd_export(argv[1:])
     args = parser().parse_args(argv)

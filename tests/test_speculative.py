@@ -286,3 +286,15 @@ def test_a_draft_forgets_its_rejected_proposals_and_reads_what_the_target_emitte
             text = np.array([[*SHORT, 40, first[0], 77]])
             expected = Decoder(engine, layout, text, np.ones_like(text), 32).prefill()
     np.testing.assert_allclose(draft.logits, expected, atol=1e-4)
+
+
+def test_the_cli_prints_a_warning_as_one_line(monkeypatch):
+    import warnings
+
+    from hermes_ort.__main__ import one_line_warning
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    text = one_line_warning(UserWarning("DIR has no batched layout"), UserWarning, "/x/generate.py", 41)
+    assert text == "hermes: warning: DIR has no batched layout\n"
+    assert hermes(["generate", "/nonexistent", "--ids", "1"]) == 2  # an error, after main set the format
+    assert warnings.formatwarning is one_line_warning
