@@ -298,3 +298,47 @@ def test_the_cli_prints_a_warning_as_one_line(monkeypatch):
     assert text == "hermes: warning: DIR has no batched layout\n"
     assert hermes(["generate", "/nonexistent", "--ids", "1"]) == 2  # an error, after main set the format
     assert warnings.formatwarning is one_line_warning
+
+
+PEAK_WITH_DRAFT = """
+import json, sys
+import numpy as np
+import hermes_ort
+from hermes_ort.engine.memory import peak_rss
+from hermes_ort.generation.speculative import SpeculationStats
+stats = SpeculationStats()
+with hermes_ort.InferenceSession(sys.argv[1], memory_budget=int(sys.argv[3])) as s:
+    ids = hermes_ort.generate(s, np.array([[5, 17, 99, 5, 17, 99, 5, 17]]), 12, speculate=sys.argv[2],
+                              draft_tokens=4, speculation_stats=stats)
+    plan = s.last_generation_plan
+print(json.dumps({"peak": peak_rss(), "streamed": len(s.manifest.stages) - len(plan.resident),
+                  "predicted": plan.predicted_peak_bytes, "proposed": stats.proposed, "ids": ids.tolist()}))
+"""
+
+
+def test_a_draft_model_is_held_inside_the_total_budget(tmp_path):
+    """OS peak of a fresh process: the target streams under what the resident draft leaves of the budget,
+    and the whole process stays under it (blocks of ~17 MiB, a one-block draft)."""
+    import json
+    import subprocess
+    import sys
+
+    wide = TinyConfig(layers=4, hidden=512, heads=8, kv_heads=8, ffn=2048, context=256)
+    for name, cfg, seed in (("target", wide, 0), ("draft", TinyConfig(**{**wide.__dict__, "layers": 1}), 3)):
+        write_tiny_gguf(tmp_path / f"{name}.gguf", cfg, seed=seed)
+        convert_gguf(tmp_path / f"{name}.gguf", tmp_path / name, "fp32")
+    target, draft = tmp_path / "target", tmp_path / "draft"
+    budget = 150 << 20
+
+    def run(speculate):
+        out = subprocess.run([sys.executable, "-c", PEAK_WITH_DRAFT, str(target), speculate, str(budget)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    drafted, alone = run(str(draft)), run("lookup")
+    assert drafted["ids"] == alone["ids"] and drafted["proposed"] > 0
+    held = hermes_ort.InferenceSession(draft).manifest.bytes
+    assert drafted["predicted"] <= budget - held  # the target planned without the draft's share
+    assert drafted["streamed"] > alone["streamed"] > 0  # ... so it streams more than beside lookup
+    assert drafted["peak"] <= budget, f"peak {drafted['peak'] >> 20} MiB over the {budget >> 20} MiB budget"
