@@ -35,8 +35,11 @@ def test_a_budget_below_any_inputs_floor_is_refused_at_construction(unprofiled):
     message = str(refused.value)
     assert message.startswith("budget 1.0 MiB is below what any input needs, ")
     assert f"+ largest stage {format_bytes(largest)} + 3% margin" in message
-    floor = float(re.search(r"needs, ([\d.]+) MiB", message).group(1))
-    with hermes_ort.InferenceSession(unprofiled, memory_budget=f"{floor + 2}MiB") as session:  # just above: accepted
+    floor, base, stage = (float(x) for x in re.search(
+        r"needs, ([\d.]+) MiB: process base ([\d.]+) MiB \+ largest stage ([\d.]+) MiB", message).groups())
+    assert abs(floor - (base + stage) / 0.97) < 0.1  # the margin on top of both
+    # this process's RSS moves between calls (the suite's earlier tests), so the checks keep 10% apart
+    with hermes_ort.InferenceSession(unprofiled, memory_budget=f"{floor * 1.1:.1f}MiB") as session:
         assert session.budget > floor * (1 << 20)
     with pytest.raises(BudgetError, match="below what any input needs"):
-        hermes_ort.InferenceSession(unprofiled, memory_budget=f"{floor - 2}MiB")
+        hermes_ort.InferenceSession(unprofiled, memory_budget=f"{floor * 0.9:.1f}MiB")
