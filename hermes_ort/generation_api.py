@@ -14,7 +14,7 @@ from .generation.decoding import CacheLayout, check_prompt
 from .generation.generate import decode_tokens, eos_ids, sampling_of
 from .generation.sampling import Sampling
 from .generation.speculative import SpeculationStats
-from .generation.speculative_stream import Speculation
+from .generation.speculative_stream import Speculation, check_speculation
 from .session import InferenceSession
 
 Model = InferenceSession | str | os.PathLike
@@ -58,6 +58,8 @@ def stream(model: Model, input_ids: np.ndarray, max_new_tokens: int, *, attentio
     manifest = model.manifest if isinstance(model, InferenceSession) else manifest_io.load(model)
     layout = CacheLayout.of(manifest)
     ids, mask = check_prompt(input_ids, attention_mask, max_new_tokens, layout)
+    if speculation is not None:
+        check_speculation(speculation, layout, str(getattr(model, "directory", model)))
     return tokens_of(model, memory_budget, layout, ids, mask, max_new_tokens, eos_ids(eos_token_id), choice,
                      speculation, speculation_stats or SpeculationStats())
 

@@ -250,13 +250,13 @@ def test_bad_speculation_is_refused_before_anything_runs(models, tmp_path):
         hermes_ort.generate(target, np.array([SHORT]), 4, speculate="lokup")
     with pytest.raises(InputError, match="draft_tokens"):
         hermes_ort.generate(target, np.array([SHORT]), 4, speculate="lookup", draft_tokens=0)
-    with pytest.raises(InputError, match="sliding-window"):
-        hermes_ort.generate(sliding, np.array([SHORT]), 4, memory_budget="1GiB", speculate="lookup")
+    with pytest.raises(InputError, match="sliding-window"):  # stream() refuses before it is iterated
+        hermes_ort.stream(sliding, np.array([SHORT]), 4, memory_budget="1GiB", speculate="lookup")
     write_tiny_gguf(tmp_path / "w.gguf", TinyConfig(layers=1, vocabulary="llama"))
     other = convert_gguf(tmp_path / "w.gguf", tmp_path / "w", "fp32").directory
     assert vocab_of(other) != vocab_of(target)
     with pytest.raises(InputError, match="same vocabulary"):
-        hermes_ort.generate(target, np.array([SHORT]), 4, memory_budget="1GiB", speculate=other)
+        hermes_ort.stream(target, np.array([SHORT]), 4, memory_budget="1GiB", speculate=other)
 
 
 def test_hermes_generate_speculate_prints_tokens_in_passes(models, capsys):

@@ -60,6 +60,15 @@ def check_rollback(layout: CacheLayout, model: str) -> None:
                          f"{flat[0]} has none")
 
 
+def check_speculation(speculation: Speculation, layout: CacheLayout, model: str) -> None:
+    """Everything speculation refuses, checked from the manifests before a session or a thread exists."""
+    check_rollback(layout, model)
+    if not speculation.is_lookup:
+        draft = CacheLayout.of(manifest_io.load(speculation.source))
+        check_draft(draft, layout, str(speculation.source))
+        check_rollback(draft, str(speculation.source))
+
+
 def check_draft(draft: CacheLayout, target: CacheLayout, source: str) -> None:
     if draft.vocab != target.vocab or draft.vocab is None:
         raise InputError(f"the draft model {source} has a vocabulary of {draft.vocab} tokens, the target "
