@@ -5,9 +5,10 @@ import argparse
 import sys
 import warnings
 
-from .commands import cmd_batched, cmd_cache, cmd_convert, cmd_generate, cmd_quantize, cmd_serve, cmd_warm
+from .commands import cmd_batched, cmd_cache, cmd_convert, cmd_generate, cmd_quantize, cmd_warm
 from .errors import HermesError
 from .export_command import cmd_export
+from .serve.command import cmd_serve
 from .stage_commands import cmd_plan, cmd_profile, cmd_run, cmd_split, cmd_update, cmd_verify
 
 
