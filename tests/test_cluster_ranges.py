@@ -11,12 +11,11 @@ import pytest
 
 import hermes_ort
 from hermes_ort.cluster.ranges import StageRange, check_ranges, flow, range_manifest, write_range
-from hermes_ort.convert import convert_gguf
 from hermes_ort.errors import ManifestError
 from hermes_ort.format import manifest as manifest_io
 from hermes_ort.generation.decoding import CacheLayout
 
-from tiny_gguf import TinyConfig, write_tiny_gguf
+from tiny_gguf import TinyConfig, converted
 
 SPLITS = {"two": [(0, 3), (3, 6)], "three": [(0, 2), (2, 4), (4, 6)], "six": [(i, i + 1) for i in range(6)]}
 
@@ -24,8 +23,7 @@ SPLITS = {"two": [(0, 3), (3, 6)], "three": [(0, 2), (2, 4), (4, 6)], "six": [(i
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("ranges")
-    write_tiny_gguf(root / "m.gguf", TinyConfig(layers=4))
-    return convert_gguf(root / "m.gguf", root / "model", "fp32").directory  # embeddings, 4 blocks, head
+    return converted(root, TinyConfig(layers=4))  # embeddings, 4 blocks, head
 
 
 @pytest.fixture(scope="module")

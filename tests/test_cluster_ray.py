@@ -17,11 +17,10 @@ from ray.cluster_utils import Cluster  # noqa: E402
 import hermes_ort  # noqa: E402
 from hermes_ort.cluster import BoardError, Pipeline, StageRange  # noqa: E402
 from hermes_ort.cluster.placement import Placement  # noqa: E402
-from hermes_ort.convert import convert_gguf  # noqa: E402
 from hermes_ort.format import manifest as manifest_io  # noqa: E402
 from hermes_ort.generation.decoding import CacheLayout  # noqa: E402
 
-from tiny_gguf import TinyConfig, write_tiny_gguf  # noqa: E402
+from tiny_gguf import TinyConfig, converted  # noqa: E402
 
 STORE = 80 << 20
 HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 4}
@@ -32,8 +31,7 @@ BOARDS = [{"resources": {"board0": 1}, "memory_budget": "1GiB"}, {"resources": {
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
-    write_tiny_gguf(root / "m.gguf", TinyConfig(layers=4))
-    return convert_gguf(root / "m.gguf", root / "model", "fp32").directory  # embeddings, 4 blocks, head
+    return converted(root, TinyConfig(layers=4))  # embeddings, 4 blocks, head
 
 
 @pytest.fixture(scope="module")

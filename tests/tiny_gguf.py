@@ -225,3 +225,11 @@ def meta(w: GGUFWriter, cfg: TinyConfig, vocab: int) -> None:
         w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(4) / np.log(32))))
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
+
+
+def converted(root: Path, cfg: TinyConfig = TinyConfig(), precision: str = "fp32", seed: int = 0) -> Path:
+    """A tiny GGUF written under `root` and converted beside it: the model directory."""
+    from hermes_ort.convert import convert_gguf
+
+    write_tiny_gguf(root / "m.gguf", cfg, seed=seed)
+    return convert_gguf(root / "m.gguf", root / "model", precision).directory
